@@ -1,0 +1,31 @@
+"""What every `python -m llmx.X` entry point shares: quiet library logs, and user errors printed as one
+line with exit status 2 instead of a traceback."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+from llmx.errors import LlmxError
+
+
+def _quiet_libraries() -> None:
+    for name in ("absl", "orbax", "tensorflow_datasets", "jax._src.xla_bridge", "grain"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        import tensorflow_datasets as tfds
+
+        tfds.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def run(main: Callable[[], int]) -> int:
+    """Runs an entry point; a LlmxError becomes `error: <message>` on stderr and exit status 2."""
+    _quiet_libraries()
+    try:
+        return main()
+    except LlmxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,278 @@
+"""The run's configuration: a tree of frozen dataclasses, filled from YAML and `section.key=value` overrides.
+
+Strict by design (MaxText's lesson): an unknown key, a wrong type or an out-of-range value raises a
+`ConfigError` that names the key and what is allowed. Derived values are properties, never stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmx.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _field(default, *, choices=None, min=None, max=None, help=""):
+    """A dataclass field with the validation metadata `_check_value` reads."""
+    metadata = {"choices": choices, "min": min, "max": max, "help": help}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = _field(384, min=1, help="embedding rows; at least the tokenizer's vocabulary")
+    d_model: int = _field(256, min=1, help="residual width")
+    n_layers: int = _field(4, min=1, help="decoder blocks")
+    n_heads: int = _field(4, min=1, help="query heads")
+    n_kv_heads: int = _field(4, min=1, help="key/value heads (grouped-query attention); divides n_heads")
+    d_ff: int = _field(688, min=1, help="SwiGLU hidden width")
+    seq_len: int = _field(256, min=2, help="tokens per training sequence")
+    rope_theta: float = _field(10000.0, min=1.0, help="RoPE base frequency")
+    norm_eps: float = _field(1e-5, min=0.0, help="RMSNorm epsilon")
+    tie_embeddings: bool = _field(False, help="reuse the input embedding as the output projection")
+    init_std: float = _field(0.02, min=0.0, help="std of the normal init of weight matrices")
+    param_dtype: str = _field("float32", choices=DTYPES, help="storage dtype of parameters")
+    dtype: str = _field("float32", choices=DTYPES, help="compute dtype of activations and matmuls")
+    scan_layers: bool = _field(True, help="lax.scan over stacked layers (compile time flat in depth) or unroll")
+    remat: str = _field(
+        "none",
+        choices=("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
+        help="activation checkpointing policy applied per layer",
+    )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; "
+                f"use a divisor of {self.d_model}"
+            )
+        if self.n_kv_heads > self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(
+                f"head dimension d_model/n_heads={self.head_dim} must be even for rotary embeddings"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = _field("stdlib", help="'stdlib': the running interpreter's standard-library sources")
+    tokenizer: str = _field("byte", choices=("byte",), help="tokenizer kind")
+    cache_dir: str = _field("", help="where prepared datasets live; '' means ~/.cache/llmx/data")
+    validation_percent: float = _field(
+        2.0, min=0.0, max=50.0, help="share of documents (by content hash) held out for validation"
+    )
+    max_documents: int = _field(0, min=0, help="use at most this many documents (0: all)")
+    num_threads: int = _field(2, min=0, help="Grain reader threads (0: read in the main thread)")
+    prefetch: int = _field(8, min=0, help="batches prefetched by a background thread")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    name: str = _field("adamw", choices=("adamw", "sgd"), help="optimizer")
+    lr: float = _field(3e-3, min=0.0, help="peak learning rate")
+    schedule: str = _field(
+        "cosine", choices=("constant", "linear", "cosine", "step", "one_cycle"), help="learning-rate schedule"
+    )
+    warmup_steps: int = _field(0, min=0, help="linear warmup from 0 to optim.lr")
+    decay_steps: int = _field(0, min=0, help="steps of decay after warmup (0: until train.steps)")
+    min_lr_ratio: float = _field(0.1, min=0.0, max=1.0, help="final lr / peak lr for linear and cosine")
+    step_every: int = _field(1000, min=1, help="'step' schedule: multiply lr by step_gamma every this many steps")
+    step_gamma: float = _field(0.1, min=0.0, help="'step' schedule decay factor")
+    weight_decay: float = _field(0.0, min=0.0, help="decoupled weight decay")
+    decay_norms_and_biases: bool = _field(False, help="also apply weight decay to norm scales and biases")
+    grad_clip: float = _field(1.0, min=0.0, help="global-norm gradient clipping (0: off)")
+    b1: float = _field(0.9, min=0.0, max=1.0, help="Adam beta1")
+    b2: float = _field(0.95, min=0.0, max=1.0, help="Adam beta2")
+    eps: float = _field(1e-8, min=0.0, help="Adam epsilon")
+    momentum: float = _field(0.9, min=0.0, max=1.0, help="SGD momentum")
+    nesterov: bool = _field(False, help="SGD Nesterov momentum")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = _field(-1, min=-1, help="pure data-parallel replicas (-1: the devices left over)")
+    fsdp: int = _field(1, min=-1, help="ZeRO/FSDP group size: batch is split over it too (-1: fill)")
+    tensor: int = _field(1, min=-1, help="tensor-parallel (Megatron) group size (-1: fill)")
+    zero_stage: int = _field(0, choices=(0, 1, 2, 3), help="what is sharded over fsdp: 1 opt state, 2 +grads, 3 +params")
+
+    def validate(self) -> None:
+        for name in ("data", "fsdp", "tensor"):
+            if getattr(self, name) == 0:
+                raise ConfigError(f"mesh.{name}=0 is not a size; use a positive integer or -1 to fill")
+        if sum(getattr(self, n) == -1 for n in ("data", "fsdp", "tensor")) > 1:
+            raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = _field(500, min=0, help="optimizer steps to train for (total, across resumes)")
+    seed: int = _field(0, min=0, help="seeds init, data order and sampling")
+    run_dir: str = _field("runs/tiny", help="checkpoints, metrics.jsonl, TensorBoard events, config.yaml")
+    micro_batch_size: int = _field(8, min=1, help="sequences per data-parallel replica per micro-step")
+    grad_accum_steps: int = _field(1, min=1, help="micro-batches accumulated into one optimizer step")
+    global_batch_size: int = _field(
+        0, min=0, help="if set, must equal micro_batch_size x grad_accum_steps x (mesh.data x mesh.fsdp)"
+    )
+    log_every: int = _field(10, min=1, help="steps between metric lines")
+    eval_every: int = _field(100, min=0, help="steps between validation passes (0: only at the end)")
+    eval_batches: int = _field(8, min=1, help="validation batches per evaluation")
+    sample_tokens: int = _field(200, min=0, help="tokens of the sample generated at the end (0: none)")
+    sample_prompt: str = _field("def ", help="prompt of the end-of-run sample")
+    progress: bool = _field(True, help="show a progress bar")
+    compilation_cache_dir: str = _field(
+        "~/.cache/llmx/jax", help="JAX persistent compilation cache ('' disables)"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = _field(100, min=0, help="steps between checkpoints (0: only at the end)")
+    keep: int = _field(3, min=1, help="newest checkpoints kept")
+    async_save: bool = _field(True, help="write checkpoints in a background thread")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "mesh": MeshConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.mesh.validate()
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **sections_overrides: dict[str, Any]) -> Config:
+        """A new config with `section={key: value}` overrides applied and checked."""
+        raw = self.to_dict()
+        for section, values in sections_overrides.items():
+            raw.setdefault(section, {}).update(values)
+        return from_dict(raw)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(section: str, field: dataclasses.Field, value: Any) -> Any:
+    key = f"{section}.{field.name}"
+    tp = typing.get_type_hints(SECTIONS[section])[field.name]
+    if tp is float and isinstance(value, str):
+        try:
+            value = float(value)  # YAML 1.1 reads "1e-3" as a string
+        except ValueError:
+            pass
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+        str: isinstance(value, str),
+    }[tp]
+    if not ok:
+        raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}")
+    value = tp(value)
+    meta = field.metadata
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        allowed = ", ".join(str(c) for c in meta["choices"])
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {allowed}")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise ConfigError(f"{key}={value!r} is out of range; must be >= {meta['min']}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise ConfigError(f"{key}={value!r} is out of range; must be <= {meta['max']}")
+    return value
+
+
+def _build_section(section: str, values: Any):
+    cls = SECTIONS[section]
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{section}' must be a mapping of keys to values")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        if name not in fields:
+            allowed = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key '{section}.{name}'; {section} keys are: {allowed}")
+        kwargs[name] = _check_value(section, fields[name], value)
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError("a config must be a mapping with sections " + ", ".join(SECTIONS))
+    for section in raw:
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section '{section}'; sections are: {', '.join(SECTIONS)}")
+    cfg = Config(**{s: _build_section(s, raw.get(s)) for s in SECTIONS})
+    cfg.validate()
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, value parsed as YAML)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value (e.g. train.steps=100)")
+    path, raw_value = text.split("=", 1)
+    section, key = path.split(".", 1)
+    try:
+        value = yaml.safe_load(raw_value) if raw_value != "" else ""
+    except yaml.YAMLError:
+        value = raw_value
+    return section, key, value
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """The config from a YAML file (or the defaults) with `section.key=value` overrides applied."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section '{section}' in '{text}'; sections are: {', '.join(SECTIONS)}")
+        section_values = raw.setdefault(section, {}) or {}
+        raw[section] = section_values
+        section_values[key] = value
+    return from_dict(raw)

@@ -1,0 +1,129 @@
+"""The device mesh and the one table that maps logical axes to mesh axes.
+
+Mesh axes, outermost first: `data` (pure replicas), `fsdp` (the ZeRO group), `tensor` (Megatron).
+The batch is split over (data, fsdp). The ZeRO stage decides which copies of the weights also split
+their `embed` axis over fsdp (Rajbhandari et al. 2020, ZeRO §5): stage 1 the optimizer state, stage 2
+also the gradients, stage 3 also the parameters. With data > 1 that is hybrid sharding: ZeRO inside a
+group, replicas across groups (DeepSpeed's MiCS / hpZ).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from llmx.config import MeshConfig
+from llmx.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis -> mesh axes. Activations and weights share the table except for `embed`, which only
+# weights split (over fsdp, by ZeRO stage; see weight_rules): activations keep the full model width.
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": BATCH_AXES,
+    "seq": None,
+    "embed": None,
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "layers": None,
+}
+
+WEIGHT_ROLES = ("params", "grads", "opt_state")
+
+
+def weight_rules(zero_stage: int, role: str) -> dict:
+    """The rules for one copy of the weights: `params`, `grads` or `opt_state` (ZeRO §5)."""
+    sharded_from_stage = {"opt_state": 1, "grads": 2, "params": 3}[role]
+    return {**RULES, "embed": "fsdp" if zero_stage >= sharded_from_stage else None}
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
+    """Axis sizes with the -1 entry filled; a product that is not the device count is a ConfigError."""
+    sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
+    known = math.prod(v for v in sizes.values() if v != -1)
+    fill = [k for k, v in sizes.items() if v == -1]
+    if fill:
+        if n_devices % known:
+            raise ConfigError(
+                f"mesh {_fmt(sizes)} cannot fill {n_devices} devices: {known} does not divide {n_devices}"
+            )
+        sizes[fill[0]] = n_devices // known
+    if math.prod(sizes.values()) != n_devices:
+        raise ConfigError(
+            f"mesh {_fmt(sizes)} has {math.prod(sizes.values())} devices but {n_devices} are available; "
+            f"make mesh.data x mesh.fsdp x mesh.tensor = {n_devices} (or set one of them to -1)"
+        )
+    return sizes
+
+
+def _fmt(sizes: dict[str, int]) -> str:
+    return "x".join(f"{k}={v}" for k, v in sizes.items())
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(cfg, len(devices))
+    device_grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+    return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(logical_axes, shape, rules: dict, mesh: Mesh) -> P:
+    """A PartitionSpec for an array with these logical axes; a dimension its mesh axes do not divide
+    stays whole (e.g. 2 KV heads on tensor=4)."""
+    spec = []
+    used: set[str] = set()
+    for name, dim in zip(logical_axes, shape):
+        axes = rules.get(name) if name is not None else None
+        if axes is None:
+            spec.append(None)
+            continue
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
+        size = math.prod(mesh.shape[a] for a in axes)
+        if not axes or dim % size:
+            spec.append(None)
+            continue
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else axes)
+    return P(*spec)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, *, batch_dim: int = 0) -> NamedSharding:
+    spec = [None] * ndim
+    spec[batch_dim] = BATCH_AXES
+    return NamedSharding(mesh, P(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+_ACTIVE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("llmx_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh):
+    """While tracing under this context, `constrain` pins activations to the mesh through RULES."""
+    token = _ACTIVE_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVE_MESH.reset(token)
+
+
+def constrain(x, logical_axes):
+    """`with_sharding_constraint` by logical axis names; a no-op outside `activation_sharding`."""
+    mesh = _ACTIVE_MESH.get()
+    if mesh is None:
+        return x
+    spec = logical_to_spec(logical_axes, x.shape, RULES, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -1,0 +1,64 @@
+"""Where a run's numbers go: `metrics.jsonl` (one JSON object per line), TensorBoard event files, and
+the terminal (a progress bar and periodic log lines). Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import jax
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def _plain(value):
+    value = float(value) if not isinstance(value, (int, str)) else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, progress: bool):
+        self.enabled = jax.process_index() == 0
+        self._file = None
+        self._tb = None
+        self._bar = None
+        if not self.enabled:
+            return
+        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if progress:
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._tb.add_scalar(key, value, int(step))
+
+    def progress(self, step: int, **postfix) -> None:
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            log.info(text)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        self._tb.close()
+        self._file.close()

@@ -1,0 +1,176 @@
+"""The pure training and evaluation steps, and the sharded train state they act on.
+
+`train_step(state, batch) -> (state, metrics)` is jitted once with in/out shardings and a donated
+state. Gradients are accumulated over the leading micro-batch axis of `batch` with `lax.scan`, and
+the loss is normalised by the number of target tokens of the whole step, not per micro-batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from llmx import mesh as mesh_lib
+from llmx.config import Config
+from llmx.data.pipeline import BATCH_KEYS
+from llmx.model import Llama
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # () int32: optimizer steps taken
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+def loss_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(sum of target-token cross-entropies, number of target tokens) for a (B, T) batch."""
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["inputs"], batch["segment_ids"], batch["positions"])  # (B, T, V) fp32
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    # A one-hot contraction instead of a gather keeps vocab-parallel logits local to each shard.
+    target_logp = jnp.einsum("btv,btv->bt", logp, jax.nn.one_hot(batch["targets"], logp.shape[-1], dtype=logp.dtype))
+    mask = batch["loss_mask"].astype(jnp.float32)  # (B, T)
+    return -(target_logp * mask).sum(), mask.sum()
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+    grad_shardings: Any,
+) -> tuple[TrainState, dict]:
+    """One optimizer step on a batch of (A, B, T) arrays: A micro-batches of B sequences."""
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+    def accumulate(grad_sum, micro_batch):
+        (loss_sum, _), grads = grad_fn(state.params, graphdef, micro_batch)
+        grads = jax.lax.with_sharding_constraint(grads, grad_shardings)  # ZeRO-2: reduce-scatter here
+        return jax.tree.map(jnp.add, grad_sum, grads), loss_sum
+
+    zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, state.params), grad_shardings)
+    grad_sum, micro_losses = jax.lax.scan(accumulate, zeros, batch)
+    n_tokens = batch["loss_mask"].astype(jnp.float32).sum()
+    inv_tokens = 1.0 / jnp.maximum(n_tokens, 1.0)
+    grads = jax.tree.map(lambda g: g * inv_tokens, grad_sum)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": micro_losses.sum() * inv_tokens,
+        "grad_norm": optax.global_norm(grads),
+        "lr": lr_schedule(state.step),
+        "tokens": n_tokens,
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: nnx.State, batch: dict, *, graphdef: nnx.GraphDef) -> tuple[jax.Array, jax.Array]:
+    return loss_sums(params, graphdef, batch)
+
+
+@dataclasses.dataclass
+class Steps:
+    """The model's structure, the state's shardings and the compiled step functions for one mesh."""
+
+    mesh: Mesh
+    graphdef: nnx.GraphDef
+    abstract_state: TrainState
+    state_shardings: TrainState
+    init: Callable[[], TrainState]
+    train: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    evaluate: Callable[[nnx.State, dict], tuple[jax.Array, jax.Array]]
+    batch_shardings: dict
+    eval_batch_shardings: dict
+
+
+def weight_shardings(abstract_params: nnx.State, mesh: Mesh, *, zero_stage: int, role: str):
+    """NamedShardings for one copy of the weights (params, grads or opt_state moments)."""
+    rules = mesh_lib.weight_rules(zero_stage, role)
+    logical = nnx.get_partition_spec(abstract_params)  # PartitionSpecs of logical names
+    return jax.tree.map(
+        lambda spec, leaf: NamedSharding(mesh, mesh_lib.logical_to_spec(tuple(spec), leaf.shape, rules, mesh)),
+        logical,
+        abstract_params,
+    )
+
+
+def opt_state_shardings(abstract_opt_state, abstract_params, moment_shardings, mesh: Mesh):
+    """Every sub-tree of the optimizer state shaped like the params (moments, master weights) is
+    sharded like `moment_shardings`; everything else (step counts, scalars) is replicated."""
+    params_def = jax.tree.structure(abstract_params)
+
+    def is_params_like(node):
+        return isinstance(node, nnx.State) and jax.tree.structure(node) == params_def
+
+    return jax.tree.map(
+        lambda node: moment_shardings if is_params_like(node) else mesh_lib.replicated(mesh),
+        abstract_opt_state,
+        is_leaf=is_params_like,
+    )
+
+
+def build_steps(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation, lr_schedule: optax.Schedule) -> Steps:
+    def init() -> TrainState:
+        model = Llama(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+        params = nnx.state(model, nnx.Param)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    abstract_model = nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    abstract_state = jax.eval_shape(init)
+    stage = cfg.mesh.zero_stage
+    param_sh = weight_shardings(abstract_params, mesh, zero_stage=stage, role="params")
+    grad_sh = weight_shardings(abstract_params, mesh, zero_stage=stage, role="grads")
+    moment_sh = weight_shardings(abstract_params, mesh, zero_stage=stage, role="opt_state")
+    state_sh = TrainState(
+        step=mesh_lib.replicated(mesh),
+        params=param_sh,
+        opt_state=opt_state_shardings(abstract_state.opt_state, abstract_params, moment_sh, mesh),
+    )
+    batch_sh = {k: mesh_lib.batch_sharding(mesh, 3, batch_dim=1) for k in BATCH_KEYS}
+    eval_batch_sh = {k: mesh_lib.batch_sharding(mesh, 2) for k in BATCH_KEYS}
+    replicated = mesh_lib.replicated(mesh)
+
+    step_fn = functools.partial(
+        train_step, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule, grad_shardings=grad_sh
+    )
+    jit_train = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=0)
+    jit_eval = jax.jit(
+        functools.partial(eval_step, graphdef=graphdef),
+        in_shardings=(param_sh, eval_batch_sh),
+        out_shardings=(replicated, replicated),
+    )
+    jit_init = jax.jit(init, out_shardings=state_sh)
+
+    def traced(fn):
+        # Activations are constrained through the rules table only while these functions trace.
+        @functools.wraps(fn)
+        def wrapper(*args):
+            with mesh_lib.activation_sharding(mesh):
+                return fn(*args)
+
+        return wrapper
+
+    return Steps(
+        mesh=mesh,
+        graphdef=graphdef,
+        abstract_state=abstract_state,
+        state_shardings=state_sh,
+        init=traced(jit_init),
+        train=traced(jit_train),
+        evaluate=traced(jit_eval),
+        batch_shardings=batch_sh,
+        eval_batch_shardings=eval_batch_sh,
+    )
+

@@ -1,0 +1,40 @@
+"""Test setup: 8 simulated CPU devices (set before jax is imported), the persistent compilation
+cache, and a small prepared corpus shared by the whole session."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("LLMX_TEST_CACHE", Path.home() / ".cache" / "llmx" / "tests"))
+jax.config.update("jax_compilation_cache_dir", str(CACHE / "jax"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Prepared corpora live here for the whole session (and across sessions: it is keyed by content)."""
+    path = CACHE / "data"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture
+def subprocess_env(data_dir) -> dict:
+    """Environment for `python -m llmx.X` subprocesses: 8 CPU devices, shared caches."""
+    env = dict(os.environ)
+    env["LLMX_DATA_DIR"] = str(data_dir)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+PYTHON = sys.executable

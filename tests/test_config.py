@@ -1,0 +1,71 @@
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, REPO
+from llmx import config as config_lib
+from llmx.errors import ConfigError
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    assert any(p.name == "tiny.yaml" for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = config_lib.load(path)
+    assert cfg.model.d_model % cfg.model.n_heads == 0
+    # The resolved YAML round-trips to the same config.
+    assert config_lib.from_dict(__import__("yaml").safe_load(cfg.to_yaml())) == cfg
+
+
+def test_overrides_are_typed():
+    cfg = config_lib.load(None, ["train.steps=7", "optim.lr=1e-3", "model.tie_embeddings=true", "train.run_dir=x/y"])
+    assert cfg.train.steps == 7 and cfg.optim.lr == pytest.approx(1e-3)
+    assert cfg.model.tie_embeddings is True and cfg.train.run_dir == "x/y"
+    assert isinstance(config_lib.load(None, ["optim.lr=1"]).optim.lr, float)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.d_modle=64", "unknown config key 'model.d_modle'"),
+        ("modle.d_model=64", "unknown config section 'modle'"),
+        ("train.steps=ten", "train.steps='ten' has the wrong type; expected int"),
+        ("model.n_layers=0", "model.n_layers=0 is out of range"),
+        ("model.n_heads=5", "model.n_heads=5 does not divide model.d_model=256"),
+        ("model.n_kv_heads=3", "model.n_kv_heads=3 must divide model.n_heads=4"),
+        ("optim.schedule=warmup", "optim.schedule='warmup' is not allowed; choose one of"),
+        ("train.steps", "is not of the form section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_lib.load(None, [override])
+
+
+BAD_COMMANDS = {
+    "unknown key": (["model.d_modle=64"], "unknown config key 'model.d_modle'"),
+    "wrong type": (["train.micro_batch_size=big"], "train.micro_batch_size='big' has the wrong type"),
+    "mesh 3x3 on 8 devices": (["mesh.data=3", "mesh.fsdp=3"], "mesh data=3xfsdp=3xtensor=1 has 9 devices but 8"),
+    "zero layers": (["model.n_layers=0"], "model.n_layers=0 is out of range"),
+    "heads not dividing d_model": (["model.n_heads=3"], "model.n_heads=3 does not divide model.d_model=256"),
+    "missing config file": (["--config", "configs/nope.yaml"], "config file configs/nope.yaml does not exist"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_COMMANDS)
+def test_bad_config_exits_2_with_one_line(name, subprocess_env, tmp_path):
+    args, message = BAD_COMMANDS[name]
+    if args[0] != "--config":
+        args = ["--config", "configs/tiny.yaml", f"train.run_dir={tmp_path / 'run'}", *args]
+    proc = subprocess.run(
+        [PYTHON, "-m", "llmx.train", *args], cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=120
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert lines == [lines[-1]] and lines[-1].startswith("error: ") and message in lines[-1], proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -1,0 +1,122 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llmx import config as config_lib
+from llmx.model import Llama, attention_mask
+
+SMALL_MODEL = ["model.vocab_size=64", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
+               "model.n_kv_heads=2", "model.d_ff=48", "model.seq_len=16"]
+
+
+def make(*overrides, seed=0):
+    cfg = config_lib.load(None, [*SMALL_MODEL, *overrides]).model
+    return cfg, Llama(cfg, rngs=nnx.Rngs(seed))
+
+
+def test_shapes_and_logical_axes():
+    cfg, model = make()
+    tokens = jnp.zeros((3, 16), jnp.int32)
+    logits = model(tokens)
+    assert logits.shape == (3, 16, 64) and logits.dtype == jnp.float32
+    params = nnx.state(model, nnx.Param)
+    assert params["blocks"]["attn"]["wq"][...].shape == (2, 32, 4, 8)  # (L, D, H, Dh)
+    assert params["blocks"]["attn"]["wk"][...].shape == (2, 32, 2, 8)  # (L, D, K, Dh)
+    specs = nnx.get_partition_spec(params)
+    assert tuple(specs["blocks"]["mlp"]["w_gate"].get_value()) == ("layers", "embed", "mlp")
+    assert tuple(specs["embed"].get_value()) == ("vocab", "embed")
+    n = sum(x.size for x in jax.tree.leaves(params))
+    D, F, V, L = 32, 48, 64, 2
+    expected = V * D * 2 + D + L * (2 * D + D * 4 * 8 + 2 * D * 2 * 8 + 4 * 8 * D + 3 * D * F)
+    assert n == expected
+
+
+def test_tied_embeddings_have_no_output_matrix():
+    _, model = make("model.tie_embeddings=true")
+    assert not hasattr(model, "unembed")
+    assert model(jnp.ones((1, 16), jnp.int32)).shape == (1, 16, 64)
+
+
+def test_attention_mask_is_causal_and_per_document():
+    seg = jnp.array([[1, 1, 2, 2, 2, 0]])
+    mask = np.asarray(attention_mask(seg, seg))[0]
+    expected = np.array([
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],
+    ], bool)
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_no_token_sees_the_future_or_another_document():
+    _, model = make()
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(3, 64, (1, 16)), jnp.int32)
+    segments = jnp.asarray([[1] * 6 + [2] * 10])
+    positions = jnp.asarray([list(range(6)) + list(range(10))])
+    base = model(tokens, segments, positions)
+    # Changing a token of document 2 leaves every logit of document 1 unchanged...
+    changed = model(tokens.at[0, 9].set((tokens[0, 9] + 1) % 64), segments, positions)
+    np.testing.assert_array_equal(base[0, :6], changed[0, :6])
+    # ...and positions before it in document 2, but changes the logits at and after it.
+    np.testing.assert_array_equal(base[0, 6:9], changed[0, 6:9])
+    assert not np.allclose(base[0, 9:], changed[0, 9:])
+    # Changing a token of document 1 leaves document 2 unchanged.
+    changed = model(tokens.at[0, 2].set((tokens[0, 2] + 1) % 64), segments, positions)
+    np.testing.assert_array_equal(base[0, 6:], changed[0, 6:])
+    np.testing.assert_array_equal(base[0, :2], changed[0, :2])
+
+
+def test_packed_document_equals_it_alone():
+    """A document packed behind another gives the logits it gets on its own (positions restart)."""
+    _, model = make()
+    rng = np.random.default_rng(1)
+    doc = jnp.asarray(rng.integers(3, 64, (1, 10)), jnp.int32)
+    prefix = jnp.asarray(rng.integers(3, 64, (1, 6)), jnp.int32)
+    packed = jnp.concatenate([prefix, doc], axis=1)
+    segments = jnp.asarray([[1] * 6 + [2] * 10])
+    positions = jnp.asarray([list(range(6)) + list(range(10))])
+    alone = model(doc)
+    np.testing.assert_allclose(model(packed, segments, positions)[:, 6:], alone, atol=1e-5)
+
+
+def _loss_and_grads(model, tokens):
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p)(tokens)
+        return -jnp.mean(jax.nn.log_softmax(logits)[:, :-1].max(-1))
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("variant", ["model.scan_layers=false", "model.remat=full", "model.remat=dots_saveable",
+                                     "model.remat=dots_with_no_batch_dims_saveable"])
+def test_layer_loop_and_remat_variants_match_scan(variant):
+    tokens = jnp.asarray(np.random.default_rng(2).integers(3, 64, (2, 16)), jnp.int32)
+    ref_loss, ref_grads = _loss_and_grads(make()[1], tokens)
+    loss, grads = _loss_and_grads(make(variant)[1], tokens)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    """GQA with K kv heads is MHA whose key/value heads are each repeated H/K times."""
+    cfg, gqa = make()
+    _, mha = make("model.n_kv_heads=4")
+    for name in ("wk", "wv"):
+        kv = getattr(gqa.blocks.attn, name)[...]  # (L, D, K, Dh)
+        getattr(mha.blocks.attn, name)[...] = jnp.repeat(kv, 2, axis=2)
+    for name in ("wq", "wo"):
+        getattr(mha.blocks.attn, name)[...] = getattr(gqa.blocks.attn, name)[...]
+    for name in ("w_gate", "w_up", "w_down"):
+        getattr(mha.blocks.mlp, name)[...] = getattr(gqa.blocks.mlp, name)[...]
+    mha.embed[...] = gqa.embed[...]
+    mha.unembed[...] = gqa.unembed[...]
+    tokens = jnp.asarray(np.random.default_rng(3).integers(3, 64, (2, 16)), jnp.int32)
+    np.testing.assert_allclose(mha(tokens), gqa(tokens), atol=1e-5)
