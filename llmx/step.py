@@ -68,7 +68,7 @@ def train_step(
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": micro_losses.sum() * inv_tokens,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": lr_schedule(state.step),
         "tokens": n_tokens,
     }

@@ -67,6 +67,13 @@ def to_global(local: dict[str, np.ndarray], shardings: dict, leading: tuple[int,
     return out
 
 
+def _eval_source(sources: dict):
+    if "validation" in sources:
+        return sources["validation"]
+    log.warning("the corpus is too small for a validation split (data.validation_percent); evaluating on train")
+    return sources["train"]
+
+
 def evaluate(steps: Steps, params, eval_batches: list[dict]) -> float:
     """Mean target-token cross-entropy over a fixed list of device batches."""
     total, count = 0.0, 0.0
@@ -130,7 +137,7 @@ def train(cfg: Config, *, devices=None) -> dict:
     )
     eval_iter = iter(
         data_lib.batches(
-            sources["validation"] if len(sources["validation"]) else sources["train"], tokenizer,
+            _eval_source(sources), tokenizer,
             batch_rows=micro_rows // jax.process_count(), seed=None, num_threads=0, prefetch=0, **pipeline,
         )
     )

@@ -31,6 +31,14 @@ def _shift(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
+def documents(source, *, seed: int | None, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """One epoch of this process's documents: every `process_count`-th one, shuffled by `seed`."""
+    if len(source) < process_count:
+        raise DataError(f"{len(source)} documents cannot be split over {process_count} processes; add data")
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    return ds if seed is None else ds.shuffle(seed=seed)
+
+
 def batches(
     source,
     tokenizer,
@@ -48,11 +56,7 @@ def batches(
     `seed=None` keeps document order (evaluation); otherwise documents are shuffled and reshuffled
     each epoch, deterministically.
     """
-    if len(source) < process_count:
-        raise DataError(f"{len(source)} documents cannot be split over {process_count} processes; add data")
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    if seed is not None:
-        ds = ds.shuffle(seed=seed)
+    ds = documents(source, seed=seed, process_index=process_index, process_count=process_count)
     ds = ds.repeat(None).map(lambda record: {"tokens": tokenizer.encode(document_text(record))})
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * batch_rows))
     it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len + 1})

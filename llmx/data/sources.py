@@ -28,8 +28,12 @@ _BUILDER_VERSION = "1.0.0"
 def stdlib_files() -> list[Path]:
     """The standard library's `.py` files, without its test suites and third-party packages."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "test", "tests", "idle_test"}
-    return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
+    skip = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in skip]  # prune before descending
+        files.extend(Path(folder) / n for n in names if n.endswith(".py"))
+    return sorted(files)
 
 
 def is_validation(text: str, validation_percent: float) -> bool:
@@ -74,19 +78,24 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # local files only
-        return {
-            "train": self._generate_examples(validation=False),
-            "validation": self._generate_examples(validation=True),
-        }
-
-    def _generate_examples(self, *, validation: bool):
+        splits = {"train": [], "validation": []}
         for path in self._files:
             text = clean_text(Path(path).read_bytes())
             if text is None:
-                self.stats.dropped += not validation  # count each dropped file once
+                self.stats.dropped += 1
                 continue
-            if is_validation(text, self._validation_percent) != validation:
-                continue
+            splits["validation" if is_validation(text, self._validation_percent) else "train"].append(path)
+        if not splits["train"]:
+            raise DataError(
+                f"none of the {len(self._files)} files holds usable text documents for training "
+                f"({self.stats.dropped} empty or binary)"
+            )
+        # TFDS refuses empty splits: a corpus too small for a held-out part has only `train`.
+        return {name: self._generate_examples(paths) for name, paths in splits.items() if paths}
+
+    def _generate_examples(self, paths):
+        for path in paths:
+            text = clean_text(Path(path).read_bytes())
             self.stats.documents += 1
             self.stats.bytes += len(text.encode("utf-8"))
             yield str(path), {"text": text, "path": str(path)}
@@ -121,7 +130,8 @@ def resolve_files(source: str, *, max_documents: int = 0) -> list[Path]:
 
 
 def prepare(source: str, *, cache_dir: str = "", validation_percent: float, max_documents: int = 0):
-    """Builds (once) and returns the random-access `{'train': ..., 'validation': ...}` data sources."""
+    """Builds (once) and returns the random-access data sources: `train`, and `validation` unless the
+    corpus is too small for a held-out part."""
     files = resolve_files(source, max_documents=max_documents)
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     data_dir = root / f"textcorpus-{_fingerprint(files, validation_percent)}"
@@ -133,10 +143,7 @@ def prepare(source: str, *, cache_dir: str = "", validation_percent: float, max_
         builder.download_and_prepare()
         s = builder.stats
         log.info("prepared %d documents (%.1f MB); dropped %d empty or binary files", s.documents, s.bytes / 1e6, s.dropped)
-    sources = builder.as_data_source()
-    if len(sources["train"]) == 0:
-        raise DataError(f"data.source={source!r} has no usable text documents for training (all empty or binary)")
-    return sources
+    return builder.as_data_source()
 
 
 def document_text(record) -> str:

@@ -1,0 +1,90 @@
+"""The trainer end to end on small configs: parallel layouts agree, runs resume where they stopped."""
+
+import os
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import PYTHON, REPO
+from helpers import SMALL, read_metrics, small_config, step_losses
+from llmx.train import train
+
+
+def assert_losses_close(a: dict, b: dict, rtol: float):
+    assert a.keys() == b.keys() and a
+    np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)], rtol=rtol)
+
+
+def test_tiny_config_one_device_equals_data_parallel_8(tmp_path, data_dir):
+    """The same 10 steps of configs/tiny.yaml (fp32) on 1 device and on mesh.data=8."""
+    common = ["train.steps=10", "train.eval_every=0", "train.sample_tokens=0", "train.progress=false",
+              "checkpoint.every=0"]
+    one = small_config(tmp_path / "one", data_dir, *common, "train.micro_batch_size=8",
+                       config_file=str(REPO / "configs/tiny.yaml"))
+    eight = small_config(tmp_path / "eight", data_dir, *common, "mesh.data=8", "train.micro_batch_size=1",
+                         config_file=str(REPO / "configs/tiny.yaml"))
+    losses_one = train(one, devices=jax.devices()[:1])["losses"]
+    losses_eight = train(eight)["losses"]
+    assert_losses_close(losses_one, losses_eight, rtol=1e-5)
+    assert losses_one[10] < losses_one[1]
+
+
+def test_metrics_jsonl_and_run_directory(tmp_path, data_dir):
+    cfg = small_config(tmp_path, data_dir, "train.steps=4", "train.eval_every=2", "train.sample_tokens=8")
+    summary = train(cfg)
+    run = tmp_path / "run"
+    lines = read_metrics(run)
+    steps = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4]
+    for m in steps:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_second", "step_time"} <= m.keys()
+        assert np.isfinite(m["loss"]) and m["tokens_per_second"] > 0
+    assert [m["step"] for m in lines if "eval_loss" in m] == [0, 2, 4]
+    assert summary["final_eval_loss"] == pytest.approx([m for m in lines if "eval_loss" in m][-1]["eval_loss"])
+    assert (run / "config.yaml").read_text() == cfg.to_yaml()
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+    assert (run / "checkpoints" / "4").is_dir()
+    assert isinstance(summary["sample"], str)
+
+
+def test_resume_continues_with_the_same_losses(tmp_path, data_dir):
+    """Stopping at step 4 and rerunning to 8 gives the losses of an uninterrupted 8-step run:
+    the optimizer state and the data iterator both come back from the checkpoint."""
+    common = ["optim.schedule=constant", "checkpoint.every=2"]
+    full = train(small_config(tmp_path / "full", data_dir, *common, "train.steps=8"))["losses"]
+    first = train(small_config(tmp_path / "split", data_dir, *common, "train.steps=4"))
+    second = train(small_config(tmp_path / "split", data_dir, *common, "train.steps=8"))
+    assert first["start_step"] == 0 and second["start_step"] == 4
+    assert_losses_close({**first["losses"], **second["losses"]}, full, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, subprocess_env, data_dir):
+    run_dir = tmp_path / "run"
+    args = [PYTHON, "-m", "llmx.train", *SMALL, "train.steps=200", "checkpoint.every=5",
+            f"train.run_dir={run_dir}", f"data.cache_dir={data_dir}"]
+    proc = subprocess.Popen(args, cwd=REPO, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (run_dir / "checkpoints" / "10").is_dir():
+            assert proc.poll() is None, "training exited before its second checkpoint"
+            assert time.time() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = max(m["step"] for m in read_metrics(run_dir) if "loss" in m)
+    assert before < 200, "the run finished before it was killed"
+    rerun = subprocess.run(args, cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    resumed_at = int(rerun.stderr.split("at step ")[1].split()[0])
+    assert 10 <= resumed_at <= before
+    lines = [m for m in read_metrics(run_dir) if "loss" in m]
+    restart = next(i for i in range(1, len(lines)) if lines[i]["step"] <= lines[i - 1]["step"])
+    assert lines[restart]["step"] == resumed_at + 1
+    assert lines[-1]["step"] == 200
