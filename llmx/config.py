@@ -276,3 +276,19 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
         raw[section] = section_values
         section_values[key] = value
     return from_dict(raw)
+
+
+def reference_markdown() -> str:
+    """The config reference table of the README (a test keeps the two equal)."""
+    rows = ["| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            if meta.get("choices") is not None:
+                allowed = " \\| ".join(str(c) for c in meta["choices"])
+            else:
+                bounds = [f">= {meta['min']}" if meta.get("min") is not None else "",
+                          f"<= {meta['max']}" if meta.get("max") is not None else ""]
+                allowed = ", ".join(b for b in bounds if b)
+            rows.append(f"| `{section}.{f.name}` | `{f.default!r}` | {allowed} | {meta.get('help', '')} |")
+    return "\n".join(rows)

@@ -87,6 +87,7 @@ class Steps:
     graphdef: nnx.GraphDef
     abstract_state: TrainState
     state_shardings: TrainState
+    grad_shardings: Any
     init: Callable[[], TrainState]
     train: Callable[[TrainState, dict], tuple[TrainState, dict]]
     evaluate: Callable[[nnx.State, dict], tuple[jax.Array, jax.Array]]
@@ -142,35 +143,44 @@ def build_steps(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation, lr_sc
     eval_batch_sh = {k: mesh_lib.batch_sharding(mesh, 2) for k in BATCH_KEYS}
     replicated = mesh_lib.replicated(mesh)
 
-    step_fn = functools.partial(
-        train_step, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule, grad_shardings=grad_sh
-    )
-    jit_train = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=0)
-    jit_eval = jax.jit(
-        functools.partial(eval_step, graphdef=graphdef),
-        in_shardings=(param_sh, eval_batch_sh),
-        out_shardings=(replicated, replicated),
-    )
-    jit_init = jax.jit(init, out_shardings=state_sh)
-
-    def traced(fn):
-        # Activations are constrained through the rules table only while these functions trace.
+    def under_rules(fn):
+        # Activations are constrained through the rules table while `fn` traces (the body of a jitted
+        # function runs only then), so the compiled step carries the constraints.
         @functools.wraps(fn)
-        def wrapper(*args):
+        def traced(*args):
             with mesh_lib.activation_sharding(mesh):
                 return fn(*args)
 
-        return wrapper
+        return traced
 
+    step_fn = functools.partial(train_step, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule, grad_shardings=grad_sh)
     return Steps(
         mesh=mesh,
         graphdef=graphdef,
         abstract_state=abstract_state,
         state_shardings=state_sh,
-        init=traced(jit_init),
-        train=traced(jit_train),
-        evaluate=traced(jit_eval),
+        grad_shardings=grad_sh,
+        init=jax.jit(under_rules(init), out_shardings=state_sh),
+        train=jax.jit(
+            under_rules(step_fn),
+            in_shardings=(state_sh, batch_sh),
+            out_shardings=(state_sh, replicated),
+            donate_argnums=0,
+        ),
+        evaluate=jax.jit(
+            under_rules(functools.partial(eval_step, graphdef=graphdef)),
+            in_shardings=(param_sh, eval_batch_sh),
+            out_shardings=(replicated, replicated),
+        ),
         batch_shardings=batch_sh,
         eval_batch_shardings=eval_batch_sh,
     )
 
+
+def abstract_batch(cfg: Config, mesh: Mesh) -> dict:
+    """ShapeDtypeStructs of one step's global batch (A, B, T), for ahead-of-time lowering."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    shape = (cfg.train.grad_accum_steps, cfg.train.micro_batch_size * dp, cfg.model.seq_len)
+    sharding = mesh_lib.batch_sharding(mesh, 3, batch_dim=1)
+    dtypes = {"loss_mask": jnp.bool_}
+    return {k: jax.ShapeDtypeStruct(shape, dtypes.get(k, jnp.int32), sharding=sharding) for k in BATCH_KEYS}

@@ -231,6 +231,7 @@ def train(cfg: Config, *, devices=None) -> dict:
                 seq_len=cfg.model.seq_len, max_new_tokens=cfg.train.sample_tokens, seed=cfg.train.seed,
             )
             writer.message("sample:\n" + cfg.train.sample_prompt + summary["sample"])
+    summary["params"] = state.params
     summary["stopped_by"] = stop.signal
     summary["final_step"] = step
     summary["wall_seconds"] = time.perf_counter() - t_start

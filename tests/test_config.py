@@ -69,3 +69,9 @@ def test_bad_config_exits_2_with_one_line(name, subprocess_env, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert lines == [lines[-1]] and lines[-1].startswith("error: ") and message in lines[-1], proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_readme_config_reference_is_current():
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("<!-- config-reference:start -->\n")[1].split("\n<!-- config-reference:end -->")[0]
+    assert table == config_lib.reference_markdown(), "regenerate the README table from llmx.config.reference_markdown()"

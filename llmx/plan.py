@@ -1,0 +1,193 @@
+"""`python -m llmx.plan --config X [key=value ...] [--json]`: what a run will cost before it runs.
+
+Builds the abstract train state (no parameters are allocated), compiles the real train step for the
+configured mesh, and reports per-device memory (the state's shards beside the ZeRO paper's
+(2+2+K)Psi/N accounting, and XLA's `memory_analysis` of the compiled step), FLOPs per step, and the
+collectives in the compiled HLO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+from collections import Counter
+
+import jax
+import numpy as np
+
+from llmx import config as config_lib
+from llmx import mesh as mesh_lib
+from llmx import optim
+from llmx.checkpoint import abstract_with_shardings
+from llmx.cli import run as run_cli
+from llmx.config import Config
+from llmx.step import Steps, abstract_batch, build_steps
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_COLLECTIVE_RE = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+
+
+def collective_counts(hlo_text: str) -> dict[str, int]:
+    """Collective instructions in HLO text by kind (async `-start` forms counted once, `-done` not)."""
+    counts = Counter(m.group(1) for m in _COLLECTIVE_RE.finditer(hlo_text))
+    return {kind: counts.get(kind, 0) for kind in COLLECTIVES}
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of arrays or ShapeDtypeStructs with shardings."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _total_bytes(tree) -> int:
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+@dataclasses.dataclass
+class StateMemory:
+    """Per-device bytes of each copy of the weights, measured from shardings, and ZeRO's expectation."""
+
+    n_params: int
+    params: int
+    grads: int
+    opt_state: int
+    expected_params: float
+    expected_grads: float
+    expected_opt_state: float
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.opt_state
+
+    @property
+    def expected_total(self) -> float:
+        return self.expected_params + self.expected_grads + self.expected_opt_state
+
+
+def zero_expectation(*, params: int, grads: int, opt_state: int, zero_stage: int, fsdp: int, tensor: int):
+    """ZeRO §5.1 per device: stage 1 splits the optimizer state K·Psi over the N=fsdp group, stage 2
+    also the gradients, stage 3 also the parameters; tensor parallelism splits everything by T
+    (Megatron; norm scales, replicated there, are a rounding error)."""
+    split = lambda nbytes, from_stage: nbytes / tensor / (fsdp if zero_stage >= from_stage else 1)  # noqa: E731
+    return split(params, 3), split(grads, 2), split(opt_state, 1)
+
+
+def state_memory(cfg: Config, steps: Steps) -> StateMemory:
+    params = abstract_with_shardings(steps.abstract_state.params, steps.state_shardings.params)
+    grads = abstract_with_shardings(steps.abstract_state.params, steps.grad_shardings)
+    opt = abstract_with_shardings(steps.abstract_state.opt_state, steps.state_shardings.opt_state)
+    expected = zero_expectation(
+        params=_total_bytes(params),
+        grads=_total_bytes(params),  # gradients have the parameters' dtype
+        opt_state=_total_bytes(opt),
+        zero_stage=cfg.mesh.zero_stage,
+        fsdp=steps.mesh.shape["fsdp"],
+        tensor=steps.mesh.shape["tensor"],
+    )
+    return StateMemory(
+        n_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
+        params=per_device_bytes(params),
+        grads=per_device_bytes(grads),
+        opt_state=per_device_bytes(opt),
+        expected_params=expected[0],
+        expected_grads=expected[1],
+        expected_opt_state=expected[2],
+    )
+
+
+def compile_train_step(cfg: Config, steps: Steps):
+    state = abstract_with_shardings(steps.abstract_state, steps.state_shardings)
+    return steps.train.lower(state, abstract_batch(cfg, steps.mesh)).compile()
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax returned one dict per program
+        cost = cost[0] if cost else None
+    return cost or {}
+
+
+def plan(cfg: Config, *, devices=None) -> dict:
+    """The plan as a JSON-ready dict (bytes are per device)."""
+    mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+    tx, lr = optim.build(cfg.optim, cfg.train.steps)
+    steps = build_steps(cfg, mesh, tx, lr)
+    memory = state_memory(cfg, steps)
+    compiled = compile_train_step(cfg, steps)
+    analysis = compiled.memory_analysis()
+    cost = _cost(compiled)
+    tokens = cfg.train.grad_accum_steps * cfg.train.micro_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
+    return {
+        "mesh": dict(mesh.shape),
+        "zero_stage": cfg.mesh.zero_stage,
+        "devices": mesh.size,
+        "platform": mesh.devices.flat[0].platform,
+        "parameters": memory.n_params,
+        "tokens_per_step": tokens * cfg.model.seq_len,
+        "state_bytes": {
+            "params": memory.params,
+            "grads": memory.grads,
+            "opt_state": memory.opt_state,
+            "total": memory.total,
+        },
+        "zero_expected_bytes": {
+            "params": memory.expected_params,
+            "grads": memory.expected_grads,
+            "opt_state": memory.expected_opt_state,
+            "total": memory.expected_total,
+        },
+        "compiled_bytes": {
+            "arguments": analysis.argument_size_in_bytes,
+            "outputs": analysis.output_size_in_bytes,
+            "aliased": analysis.alias_size_in_bytes,
+            "temporaries": analysis.temp_size_in_bytes,
+            "peak_estimate": analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+            - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes,
+        },
+        "flops_per_step_per_device": cost.get("flops"),
+        "collectives": collective_counts(compiled.as_text()),
+    }
+
+
+def _mb(n) -> str:
+    return f"{n / 2**20:10.2f} MiB"
+
+
+def format_plan(p: dict) -> str:
+    mesh = " ".join(f"{k}={v}" for k, v in p["mesh"].items())
+    lines = [
+        f"mesh {mesh}  zero_stage={p['zero_stage']}  ({p['devices']} x {p['platform']})",
+        f"parameters {p['parameters'] / 1e6:.2f}M   tokens per step {p['tokens_per_step']}",
+        "",
+        f"{'per-device state':<22}{'actual':>14}{'ZeRO expects':>16}",
+    ]
+    for key, label in (("params", "parameters"), ("grads", "gradients"), ("opt_state", "optimizer state"), ("total", "total")):
+        lines.append(f"  {label:<20}{_mb(p['state_bytes'][key]):>14}{_mb(p['zero_expected_bytes'][key]):>16}")
+    lines += ["", "compiled train step, per device"]
+    for key, value in p["compiled_bytes"].items():
+        lines.append(f"  {key:<20}{_mb(value):>14}")
+    flops = p["flops_per_step_per_device"]
+    lines += ["", f"FLOPs per step per device  {flops:.3e}" if flops else "FLOPs per step per device  n/a"]
+    lines.append("collectives  " + "  ".join(f"{k} {v}" for k, v in p["collectives"].items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llmx.plan", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    result = plan(config_lib.load(args.config, args.overrides))
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
