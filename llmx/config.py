@@ -83,7 +83,10 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    name: str = _field("adamw", choices=("adamw", "sgd"), help="optimizer")
+    name: str = _field("adamw", choices=("adamw", "sgd", "lamb"), help="optimizer")
+    impl: str = _field(
+        "optax", choices=("optax", "pallas"), help="optax (XLA-fused) or the fused Pallas kernels (interpreted on CPU)"
+    )
     lr: float = _field(3e-3, min=0.0, help="peak learning rate")
     schedule: str = _field(
         "cosine", choices=("constant", "linear", "cosine", "step", "one_cycle"), help="learning-rate schedule"
@@ -96,9 +99,9 @@ class OptimConfig:
     weight_decay: float = _field(0.0, min=0.0, help="decoupled weight decay")
     decay_norms_and_biases: bool = _field(False, help="also apply weight decay to norm scales and biases")
     grad_clip: float = _field(1.0, min=0.0, help="global-norm gradient clipping (0: off)")
-    b1: float = _field(0.9, min=0.0, max=1.0, help="Adam beta1")
-    b2: float = _field(0.95, min=0.0, max=1.0, help="Adam beta2")
-    eps: float = _field(1e-8, min=0.0, help="Adam epsilon")
+    b1: float = _field(0.9, min=0.0, max=1.0, help="Adam/LAMB beta1")
+    b2: float = _field(0.95, min=0.0, max=1.0, help="Adam/LAMB beta2")
+    eps: float = _field(1e-8, min=0.0, help="Adam/LAMB epsilon")
     momentum: float = _field(0.9, min=0.0, max=1.0, help="SGD momentum")
     nesterov: bool = _field(False, help="SGD Nesterov momentum")
 

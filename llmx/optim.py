@@ -1,13 +1,16 @@
 """The optimizer: an optax chain built from `OptimConfig`.
 
-clip_by_global_norm -> adamw | sgd (momentum, Nesterov) with decoupled weight decay (Loshchilov &
-Hutter 2019) masked off norm scales and biases, driven by one of the schedules below.
+clip_by_global_norm -> adamw | sgd (momentum, Nesterov) | lamb, with weight decay masked off norm
+scales and biases, driven by one of the schedules below; `optim.impl` picks optax's XLA-fused
+implementation or the fused Pallas kernels of `pallas_kernels` (DeepSpeed's FusedAdam/FusedLamb).
 """
 
 from __future__ import annotations
 
 import jax
 import optax
+
+import pallas_kernels
 
 from llmx.config import OptimConfig
 
@@ -64,31 +67,49 @@ def decay_mask(params, *, decay_norms_and_biases: bool = False):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def _adamw(cfg: OptimConfig, lr: optax.Schedule) -> optax.GradientTransformation:
-    return optax.adamw(
-        lr,
-        b1=cfg.b1,
-        b2=cfg.b2,
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        mask=lambda p: decay_mask(p, decay_norms_and_biases=cfg.decay_norms_and_biases),
-    )
+def _mask(cfg: OptimConfig):
+    return lambda params: decay_mask(params, decay_norms_and_biases=cfg.decay_norms_and_biases)
 
 
-def _sgd(cfg: OptimConfig, lr: optax.Schedule) -> optax.GradientTransformation:
-    decay = optax.masked(
-        optax.add_decayed_weights(cfg.weight_decay),
-        lambda p: decay_mask(p, decay_norms_and_biases=cfg.decay_norms_and_biases),
-    )
-    return optax.chain(decay, optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+def _decayed_sgd(sgd_fn):
+    """SGD with L2-style weight decay added to the gradient first (torch.optim.SGD's `weight_decay`)."""
+
+    def build(cfg: OptimConfig, lr: optax.Schedule, **kwargs) -> optax.GradientTransformation:
+        decay = optax.masked(optax.add_decayed_weights(cfg.weight_decay), _mask(cfg))
+        return optax.chain(decay, sgd_fn(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov, **kwargs))
+
+    return build
 
 
-OPTIMIZERS = {"adamw": _adamw, "sgd": _sgd}
+def _adam_family(adam_fn):
+    def build(cfg: OptimConfig, lr: optax.Schedule, **kwargs) -> optax.GradientTransformation:
+        return adam_fn(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=_mask(cfg), **kwargs)
+
+    return build
 
 
-def build(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optimizer and its learning-rate schedule (the schedule is also logged as `lr`)."""
+# (optim.name, optim.impl) -> builder. The Pallas kernels update each device's shard under shard_map,
+# so they are given the mesh and the optimizer state's PartitionSpecs; optax is partitioned by XLA.
+OPTIMIZERS = {
+    ("adamw", "optax"): _adam_family(optax.adamw),
+    ("sgd", "optax"): _decayed_sgd(optax.sgd),
+    ("lamb", "optax"): _adam_family(optax.lamb),
+    ("adamw", "pallas"): _adam_family(pallas_kernels.adamw),
+    ("sgd", "pallas"): _decayed_sgd(pallas_kernels.sgd),
+    ("lamb", "pallas"): _adam_family(pallas_kernels.lamb),
+}
+
+
+def build(
+    cfg: OptimConfig, total_steps: int, *, mesh=None, state_specs=None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer and its learning-rate schedule (the schedule is also logged as `lr`).
+
+    `mesh` and `state_specs` (one PartitionSpec per parameter: how its optimizer state is split) are
+    needed by `optim.impl=pallas` on a mesh; optax ignores them.
+    """
     lr = schedule(cfg, total_steps)
+    kwargs = {"mesh": mesh, "param_specs": state_specs} if cfg.impl == "pallas" and mesh is not None else {}
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-    parts.append(OPTIMIZERS[cfg.name](cfg, lr))
+    parts.append(OPTIMIZERS[cfg.name, cfg.impl](cfg, lr, **kwargs))
     return optax.chain(*parts), lr

@@ -20,7 +20,6 @@ import numpy as np
 
 from llmx import config as config_lib
 from llmx import mesh as mesh_lib
-from llmx import optim
 from llmx.checkpoint import abstract_with_shardings
 from llmx.cli import run as run_cli
 from llmx.config import Config
@@ -116,8 +115,7 @@ def _cost(compiled) -> dict:
 def plan(cfg: Config, *, devices=None) -> dict:
     """The plan as a JSON-ready dict (bytes are per device)."""
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
-    tx, lr = optim.build(cfg.optim, cfg.train.steps)
-    steps = build_steps(cfg, mesh, tx, lr)
+    steps = build_steps(cfg, mesh)
     memory = state_memory(cfg, steps)
     compiled = compile_train_step(cfg, steps)
     analysis = compiled.memory_analysis()

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from llmx import mesh as mesh_lib
+from llmx import optim
 from llmx.config import Config
 from llmx.data.pipeline import BATCH_KEYS
 from llmx.model import Llama
@@ -121,19 +122,24 @@ def opt_state_shardings(abstract_opt_state, abstract_params, moment_shardings, m
     )
 
 
-def build_steps(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation, lr_schedule: optax.Schedule) -> Steps:
+def build_steps(cfg: Config, mesh: Mesh) -> Steps:
+    """The optimizer, the state's shardings and the jitted step functions for `cfg` on `mesh`."""
+    abstract_model = nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    stage = cfg.mesh.zero_stage
+    param_sh = weight_shardings(abstract_params, mesh, zero_stage=stage, role="params")
+    grad_sh = weight_shardings(abstract_params, mesh, zero_stage=stage, role="grads")
+    moment_sh = weight_shardings(abstract_params, mesh, zero_stage=stage, role="opt_state")
+    tx, lr_schedule = optim.build(
+        cfg.optim, cfg.train.steps, mesh=mesh, state_specs=jax.tree.map(lambda s: s.spec, moment_sh)
+    )
+
     def init() -> TrainState:
         model = Llama(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
         params = nnx.state(model, nnx.Param)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-    abstract_model = nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
-    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     abstract_state = jax.eval_shape(init)
-    stage = cfg.mesh.zero_stage
-    param_sh = weight_shardings(abstract_params, mesh, zero_stage=stage, role="params")
-    grad_sh = weight_shardings(abstract_params, mesh, zero_stage=stage, role="grads")
-    moment_sh = weight_shardings(abstract_params, mesh, zero_stage=stage, role="opt_state")
     state_sh = TrainState(
         step=mesh_lib.replicated(mesh),
         params=param_sh,

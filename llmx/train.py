@@ -19,7 +19,6 @@ import numpy as np
 from llmx import config as config_lib
 from llmx import data as data_lib
 from llmx import mesh as mesh_lib
-from llmx import optim
 from llmx.checkpoint import Checkpointer, abstract_with_shardings
 from llmx.config import Config
 from llmx.cli import run as run_cli
@@ -119,8 +118,7 @@ def train(cfg: Config, *, devices=None) -> dict:
         validation_percent=cfg.data.validation_percent,
         max_documents=cfg.data.max_documents,
     )
-    tx, lr_schedule = optim.build(cfg.optim, cfg.train.steps)
-    steps = build_steps(cfg, mesh, tx, lr_schedule)
+    steps = build_steps(cfg, mesh)
     if jax.process_index() == 0:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 

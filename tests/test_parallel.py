@@ -11,7 +11,6 @@ import pytest
 from helpers import SMALL, small_config
 from llmx import config as config_lib
 from llmx import mesh as mesh_lib
-from llmx import optim
 from llmx.errors import ConfigError
 from llmx.plan import collective_counts, compile_train_step, main as plan_main, per_device_bytes, state_memory
 from llmx.step import build_steps
@@ -55,9 +54,7 @@ def test_layout_trains_like_one_device(layout, single_device_run, tmp_path, data
 
 def _steps(*overrides):
     cfg = config_lib.load(None, [*SMALL, *overrides])
-    mesh = mesh_lib.make_mesh(cfg.mesh)
-    tx, lr = optim.build(cfg.optim, 10)
-    return cfg, build_steps(cfg, mesh, tx, lr)
+    return cfg, build_steps(cfg, mesh_lib.make_mesh(cfg.mesh))
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
