@@ -1,6 +1,11 @@
 """Checkpoints through an Orbax `CheckpointManager`: the train state, the data iterator's state, and
-the resolved config, saved asynchronously and atomically (Orbax writes to a temporary directory and
-renames it on completion, so an interrupted save never shadows the previous complete one).
+the resolved config, saved asynchronously and atomically.
+
+Atomic in effect: Orbax writes a step into `<step>.orbax-checkpoint-tmp-<n>` and renames it to `<step>`
+only when every file is written, so a process killed mid-save leaves a temporary directory that
+`latest_step` never reports (and that the next run's manager deletes), never a half-written `<step>`.
+Restores are checked against the target's shapes on metadata first, so an incompatible checkpoint is
+one line naming the array, not a TensorStore traceback; nothing is ever deleted on a failed restore.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers
 
 from llmx.config import CheckpointConfig
 from llmx.errors import CheckpointError
@@ -28,51 +35,192 @@ def _single_host_array_writes() -> None:
     """Replica-parallel saving splits replicated shards among hosts; with one host it only adds a
     compiled slice per shard (dozens of tiny compilations per save on an 8-device CPU mesh)."""
     if jax.process_count() == 1:
-        ocp.type_handlers.register_type_handler(
-            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
-        )
+        absl_log = logging.getLogger("absl")
+        level = absl_log.level
+        absl_log.setLevel(logging.ERROR)  # the registry warns about every override; this one is deliberate
+        try:
+            ocp.type_handlers.register_type_handler(
+                jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+            )
+        finally:
+            absl_log.setLevel(level)
+
+
+def _reason(error: BaseException) -> str:
+    """The innermost cause's first line: TensorStore and Orbax wrap the useful message several times."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{'params/blocks/attn/wq': shape, ...}: the same names for a target of ShapeDtypeStructs and for
+    Orbax's metadata of the saved tree (nnx.Variable's `value` level dropped)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = [_key_name(k) for k in path]
+        if names and names[-1] == "value":
+            names = names[:-1]
+        out["/".join(names)] = tuple(leaf.shape)
+    return out
+
+
+def _describe(name: str) -> str:
+    if name.startswith("params/"):
+        return "parameter " + name.removeprefix("params/")
+    if name.startswith("opt_state/"):
+        return "optimizer state " + name.removeprefix("opt_state/")
+    return "train state field " + name
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ",".join(str(d) for d in shape) + ")"
+
+
+def shape_mismatches(stored: dict, wanted: dict) -> list[str]:
+    """Human-readable differences between the checkpoint's arrays and the model's, parameters first."""
+    problems = []
+    for name in sorted(wanted, key=lambda n: (not n.startswith("params/"), n)):
+        if name not in stored:
+            problems.append(f"{_describe(name)} is missing from the checkpoint")
+        elif stored[name] != wanted[name]:
+            problems.append(
+                f"{_describe(name)} has shape {_shape(stored[name])} in the checkpoint but "
+                f"{_shape(wanted[name])} in the model"
+            )
+    extra = sorted(stored.keys() - wanted)
+    problems += [f"{_describe(name)} is in the checkpoint but not in the model" for name in extra]
+    return problems
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, cfg: CheckpointConfig):
+    """One run's checkpoint directory. `read_only=True` (another run's checkpoints, for
+    `checkpoint.restore_from`) never writes or deletes anything there."""
+
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig, *, read_only: bool = False):
         _single_host_array_writes()
-        self.directory = Path(directory).absolute()
+        self.shown = Path(directory)  # as configured, for messages
+        self.directory = self.shown.absolute()
+        policies = [checkpoint_managers.LatestN(n=cfg.keep)]
+        if cfg.keep_every:
+            policies.append(checkpoint_managers.EveryNSteps(interval_steps=cfg.keep_every))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep,
             enable_async_checkpointing=cfg.async_save,
-            create=True,
+            preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+            create=not read_only,
+            read_only=read_only,
+            # Temporary directories of saves cut short by a crash: never readable, removed on start.
+            cleanup_tmp_directories=not read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._in_flight: int | None = None  # the step of the last save, until it is known to be complete
+
+    def step_dir(self, step: int) -> Path:
+        return self.shown / str(step)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
     def save(self, step: int, state, *, data_state: dict, config_yaml: str) -> None:
+        """Starts writing `step` (in the background when async); a failure of the previous save
+        surfaces here or in `wait` as a CheckpointError."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(_json_safe(data_state)),
             config=ocp.args.JsonSave({"yaml": config_yaml}),
         )
-        self._manager.save(step, args=args, force=True)
+        try:
+            self._manager.save(step, args=args, force=True)
+        except Exception as e:  # noqa: BLE001 - any write failure (ENOSPC, EACCES, ...) becomes one line
+            raise self._save_error(self._in_flight if self._in_flight is not None else step, e) from None
+        self._in_flight = step
+
+    def wait(self) -> None:
+        """Blocks until the last save is complete on disk."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_error(self._in_flight, e) from None
+        self._in_flight = None
+
+    def _save_error(self, step: int | None, error: BaseException) -> CheckpointError:
+        self._in_flight = None
+        # From the disk: after a failed save the manager's own list may already have dropped old steps.
+        complete = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and int(p.name) != step]
+        kept = f"checkpoint {self.step_dir(max(complete))} is intact" if complete else "no earlier checkpoint exists"
+        return CheckpointError(f"{self.step_dir(step)}: saving failed ({_reason(error)}); {kept}")
+
+    def _check_shapes(self, step: int, target, *, only_params: bool) -> None:
+        """A CheckpointError listing every array whose stored shape differs from `target`'s."""
+        path = self.directory / str(step) / "state"
+        try:
+            metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
+        except Exception as e:  # noqa: BLE001 - missing or unreadable _METADATA
+            raise CheckpointError(
+                f"{self.step_dir(step)}: cannot read the checkpoint's metadata ({_reason(e)}); "
+                "it is incomplete or corrupt (nothing was deleted)"
+            ) from None
+        stored, wanted = _flat_shapes(metadata), _flat_shapes(target)
+        if only_params:
+            stored = {k: v for k, v in stored.items() if k.startswith("params/")}
+        problems = shape_mismatches(stored, wanted)
+        # Parameter mismatches first and alone: the optimizer's moments only repeat them.
+        param_problems = [p for p in problems if p.startswith("parameter ")]
+        if param_problems:
+            hint = "use the model settings it was written with"
+        else:
+            hint = ("the rest of the train state differs (another optimizer or llmx version?): "
+                    "checkpoint.restore_from=<it> with checkpoint.restore_mode=weights in a new run keeps the weights")
+        problems = param_problems or problems
+        if problems:
+            more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+            raise CheckpointError(f"{self.step_dir(step)}: " + "; ".join(problems[:3]) + more + f"; {hint}")
+
+    def _read(self, step: int, args) -> Any:
+        try:
+            return self._manager.restore(step, args=args)
+        except Exception as e:  # noqa: BLE001 - TensorStore raises plain Exception for truncated files
+            raise CheckpointError(
+                f"{self.step_dir(step)}: cannot read the checkpoint ({_reason(e)}); a file is truncated, "
+                "corrupt or missing (nothing was deleted)"
+            ) from None
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
         """(state, data iterator state) at `step`, placed with the shardings in `abstract_state`
-        (ShapeDtypeStructs with `.sharding`), whatever mesh the checkpoint was written on."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
-        try:
-            restored = self._manager.restore(step, args=args)
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(
-                f"checkpoint {self.directory / str(step)} cannot be restored into this model: {first_line}"
-            ) from None
+        (ShapeDtypeStructs with `.sharding`), whatever mesh or device count wrote the checkpoint."""
+        self._check_shapes(step, abstract_state, only_params=False)
+        restored = self._read(
+            step, ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+        )
         return restored.state, restored.data
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
+    def restore_params(self, step: int, abstract_params) -> Any:
+        """Only the parameters at `step` (the optimizer of the checkpoint may differ from ours)."""
+        target = {"params": abstract_params}
+        self._check_shapes(step, target, only_params=True)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)  # places each array by its sharding
+        args = ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        )
+        return self._read(step, args).state["params"]
 
     def close(self) -> None:
-        self._manager.close()
+        """Waits for a save in flight, then releases the manager."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
 
 def abstract_with_shardings(abstract_state, shardings):
@@ -82,3 +230,54 @@ def abstract_with_shardings(abstract_state, shardings):
         abstract_state,
         shardings,
     )
+
+
+def resolve(path: str | Path) -> tuple[Path, int]:
+    """(checkpoint directory, step) of `checkpoint.restore_from`: a step directory, a directory of
+    steps (its newest complete one) or a run directory (its `checkpoints/`)."""
+    path = Path(path)
+    if path.name.isdigit() and (path / "state").is_dir():
+        return path.parent, int(path.name)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint.restore_from={path} does not exist")
+    step = ocp.CheckpointManager(path.absolute(), options=ocp.CheckpointManagerOptions(read_only=True)).latest_step()
+    if step is None:
+        raise CheckpointError(f"checkpoint.restore_from={path} holds no complete checkpoint")
+    return path, step
+
+
+def initial_state(ckpt: Checkpointer, cfg: CheckpointConfig, steps, train_iter) -> tuple[Any, int]:
+    """(state, step) to train from: the run's own newest checkpoint (a resume), else
+    `checkpoint.restore_from` (all of it, or only its weights at step 0), else a fresh init.
+    A full restore also moves `train_iter` to the saved data position."""
+    step = ckpt.latest_step()
+    if step is not None:
+        return _restore_full(ckpt, step, steps, train_iter)
+    if not cfg.restore_from:
+        return steps.init(), 0
+    directory, step = resolve(cfg.restore_from)
+    source = Checkpointer(directory, cfg, read_only=True)
+    try:
+        if cfg.restore_mode == "full":
+            return _restore_full(source, step, steps, train_iter)
+        target = abstract_with_shardings(steps.abstract_state.params, steps.state_shardings.params)
+        params = source.restore_params(step, target)
+        log.info("starting at step 0 from the weights of %s", source.step_dir(step))
+        return steps.init_from_params(params), 0
+    finally:
+        source.close()
+
+
+def _restore_full(source: Checkpointer, step: int, steps, train_iter) -> tuple[Any, int]:
+    state, data_state = source.restore(step, abstract_with_shardings(steps.abstract_state, steps.state_shardings))
+    try:
+        train_iter.set_state(data_state)
+    except Exception as e:  # noqa: BLE001 - Grain rejects a state of a different pipeline
+        raise CheckpointError(
+            f"{source.step_dir(step)}: its data iterator state does not fit this data pipeline ({_reason(e)}); "
+            "use checkpoint.restore_mode=weights to start the data from the beginning"
+        ) from None
+    log.info("resumed from %s at step %d", source.step_dir(step), step)
+    return state, step

@@ -16,6 +16,8 @@ import yaml
 from llmx.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+# train.precision -> the compute dtype that model.dtype=auto resolves to.
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _field(default, *, choices=None, min=None, max=None, help=""):
@@ -40,7 +42,16 @@ class ModelConfig:
     tie_embeddings: bool = _field(False, help="reuse the input embedding as the output projection")
     init_std: float = _field(0.02, min=0.0, help="std of the normal init of weight matrices")
     param_dtype: str = _field("float32", choices=DTYPES, help="storage dtype of parameters")
-    dtype: str = _field("float32", choices=DTYPES, help="compute dtype of activations and matmuls")
+    dtype: str = _field(
+        "auto",
+        choices=("auto", *DTYPES),
+        help="compute dtype of activations and matmuls (auto: from train.precision; matmuls accumulate in fp32)",
+    )
+    attention: str = _field(
+        "auto",
+        choices=("auto", "xla", "cudnn", "splash"),
+        help="attention kernel: xla einsums, cuDNN flash (GPU), Pallas splash (TPU); auto picks by backend",
+    )
     scan_layers: bool = _field(True, help="lax.scan over stacked layers (compile time flat in depth) or unroll")
     remat: str = _field(
         "none",
@@ -70,15 +81,28 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = _field("stdlib", help="'stdlib': the running interpreter's standard-library sources")
-    tokenizer: str = _field("byte", choices=("byte",), help="tokenizer kind")
-    cache_dir: str = _field("", help="where prepared datasets live; '' means ~/.cache/llmx/data")
+    source: str = _field(
+        "stdlib",
+        help="'stdlib' (the interpreter's standard library), a directory or glob of .txt/.py/.md/.jsonl files, "
+        "'tfds:NAME', or a mixture 'A@3,B@1'",
+    )
+    tokenizer: str = _field("byte", help="'byte', 'bpe' (trained on the corpus), or a path to a tokenizer.json")
+    bpe_vocab_size: int = _field(0, min=0, help="ids of a trained BPE tokenizer (0: model.vocab_size)")
+    bos_token: str = _field("<s>", help="BOS token of a loaded tokenizer.json")
+    eos_token: str = _field("</s>", help="EOS token of a loaded tokenizer.json")
+    pad_token: str = _field("<pad>", help="PAD token of a loaded tokenizer.json (falls back to EOS)")
+    text_field: str = _field("text", help="the text field of .jsonl lines and TFDS records")
+    cache_dir: str = _field("", help="where prepared datasets live; '' means $LLMX_DATA_DIR or ~/.cache/llmx/data")
+    tfds_data_dir: str = _field("", help="data_dir of prepared TFDS datasets ('' : TFDS's default)")
+    eval_split: str = _field("validation", help="the held-out split of a tfds: source")
+    eval_sources: str = _field("", help="extra evaluation sets, 'NAME=SOURCE,NAME=SOURCE' (every document of each)")
     validation_percent: float = _field(
         2.0, min=0.0, max=50.0, help="share of documents (by content hash) held out for validation"
     )
-    max_documents: int = _field(0, min=0, help="use at most this many documents (0: all)")
-    num_threads: int = _field(2, min=0, help="Grain reader threads (0: read in the main thread)")
-    prefetch: int = _field(8, min=0, help="batches prefetched by a background thread")
+    min_chars: int = _field(0, min=0, help="drop documents shorter than this")
+    dedup: bool = _field(False, help="drop exact duplicate documents")
+    max_documents: int = _field(0, min=0, help="use at most this many files per source (0: all)")
+    prefetch: int = _field(8, min=0, help="batches prepared ahead by a background thread (0: in the training loop)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +136,9 @@ class MeshConfig:
     fsdp: int = _field(1, min=-1, help="ZeRO/FSDP group size: batch is split over it too (-1: fill)")
     tensor: int = _field(1, min=-1, help="tensor-parallel (Megatron) group size (-1: fill)")
     zero_stage: int = _field(0, choices=(0, 1, 2, 3), help="what is sharded over fsdp: 1 opt state, 2 +grads, 3 +params")
+    offload_optimizer: bool = _field(
+        False, help="keep the optimizer state in pinned host memory between steps (GPU/TPU; a no-op on CPU)"
+    )
 
     def validate(self) -> None:
         for name in ("data", "fsdp", "tensor"):
@@ -137,9 +164,25 @@ class TrainConfig:
     sample_tokens: int = _field(200, min=0, help="tokens of the sample generated at the end (0: none)")
     sample_prompt: str = _field("def ", help="prompt of the end-of-run sample")
     progress: bool = _field(True, help="show a progress bar")
+    plot: bool = _field(False, help="write metrics.png (loss, eval loss, lr, tokens/s, MFU) at the end")
     compilation_cache_dir: str = _field(
         "~/.cache/llmx/jax", help="JAX persistent compilation cache ('' disables)"
     )
+    on_nan: str = _field(
+        "skip",
+        choices=("skip", "stop"),
+        help="non-finite loss or gradient norm: skip the update (counted in skipped_steps) or stop with an error",
+    )
+    precision: str = _field(
+        "fp32",
+        choices=tuple(PRECISION_DTYPES),
+        help="fp32 master weights with fp32, bf16 or fp16 compute (fp16: dynamic loss scaling)",
+    )
+    loss_scale: float = _field(0.0, min=0.0, help="fp16: a static loss scale (0: dynamic scaling)")
+    initial_scale_power: int = _field(16, min=0, max=64, help="fp16 dynamic scaling starts at 2**this")
+    loss_scale_window: int = _field(1000, min=1, help="fp16: steps without overflow before the scale doubles")
+    hysteresis: int = _field(2, min=1, help="fp16: overflows tolerated before the scale is halved")
+    min_loss_scale: float = _field(1.0, min=0.0, help="fp16: the dynamic scale never drops below this")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +190,17 @@ class CheckpointConfig:
     every: int = _field(100, min=0, help="steps between checkpoints (0: only at the end)")
     keep: int = _field(3, min=1, help="newest checkpoints kept")
     async_save: bool = _field(True, help="write checkpoints in a background thread")
+    keep_every: int = _field(0, min=0, help="also keep every checkpoint whose step is a multiple of this (0: off)")
+    restore_from: str = _field(
+        "",
+        help="start a run that has no checkpoint of its own from this one: a step directory, a checkpoints "
+        "directory (its newest step) or a run directory",
+    )
+    restore_mode: str = _field(
+        "full",
+        choices=("full", "weights"),
+        help="full: state, optimizer and data position; weights: parameters only, at step 0",
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -240,8 +294,26 @@ def from_dict(raw: dict[str, Any]) -> Config:
     for section in raw:
         if section not in SECTIONS:
             raise ConfigError(f"unknown config section '{section}'; sections are: {', '.join(SECTIONS)}")
-    cfg = Config(**{s: _build_section(s, raw.get(s)) for s in SECTIONS})
+    cfg = _resolve_precision(Config(**{s: _build_section(s, raw.get(s)) for s in SECTIONS}))
     cfg.validate()
+    return cfg
+
+
+def _resolve_precision(cfg: Config) -> Config:
+    """model.dtype=auto becomes the compute dtype of train.precision; an explicit model.dtype wins,
+    except for pairs that cannot work: fp16 compute needs loss scaling, and loss scaling is for fp16."""
+    precision, dtype = cfg.train.precision, cfg.model.dtype
+    if dtype == "auto":
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=PRECISION_DTYPES[precision]))
+    if dtype == "float16" and precision != "fp16":
+        raise ConfigError(
+            f"model.dtype=float16 with train.precision={precision}: fp16 gradients underflow without loss "
+            "scaling; set train.precision=fp16 (and model.dtype=auto)"
+        )
+    if precision == "fp16" and dtype != "float16":
+        raise ConfigError(
+            f"train.precision=fp16 computes in float16 but model.dtype={dtype}; set model.dtype=auto or float16"
+        )
     return cfg
 
 

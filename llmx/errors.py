@@ -15,3 +15,7 @@ class DataError(LlmxError):
 
 class CheckpointError(LlmxError):
     """A checkpoint that is missing, corrupt, or does not fit the configured model."""
+
+
+class TrainingError(LlmxError):
+    """Training that cannot go on as configured (a non-finite loss under train.on_nan=stop)."""

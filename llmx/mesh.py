@@ -120,6 +120,11 @@ def activation_sharding(mesh: Mesh):
         _ACTIVE_MESH.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing `activation_sharding` (kernels that run per shard need it)."""
+    return _ACTIVE_MESH.get()
+
+
 def constrain(x, logical_axes):
     """`with_sharding_constraint` by logical axis names; a no-op outside `activation_sharding`."""
     mesh = _ACTIVE_MESH.get()

@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import functools
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llmx import attention as attention_lib
+from llmx.attention import attention_mask, masked_attention
 from llmx.config import ModelConfig
 from llmx.mesh import constrain
+from llmx.precision import einsum
+
+__all__ = ["KVCache", "Llama", "attention_mask", "compute_dtype"]
 
 # Parameters are placed on devices by jit out_shardings derived from their logical axes (llmx.mesh),
 # not eagerly at creation, so building a model never needs a mesh.
@@ -61,15 +67,20 @@ def rope(x, positions, *, theta: float):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention_mask(q_segments, kv_segments, *, q_offset=0):
-    """True where query t may attend key s: same document and not in its future. (B, T, S).
+def compute_dtype(cfg: ModelConfig):
+    """The dtype of activations and matmul operands (a config built without `llmx.config.load`
+    may still say 'auto': fp32)."""
+    return jnp.dtype("float32" if cfg.dtype == "auto" else cfg.dtype)
 
-    `q_offset` is the index of the first query within the keys (non-zero when decoding with a cache).
-    """
-    T, S = q_segments.shape[1], kv_segments.shape[1]
-    same_doc = q_segments[:, :, None] == kv_segments[:, None, :]
-    causal = jnp.arange(S)[None, :] <= (jnp.arange(T) + q_offset)[:, None]  # (T, S)
-    return same_doc & causal[None]
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for decoding: k, v (L, B, S, K, Dh), preallocated to S slots, and
+    the segment id of each filled slot (B, S) (0: padding or not yet written)."""
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
 
 
 class Attention(nnx.Module):
@@ -84,25 +95,36 @@ class Attention(nnx.Module):
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         self.wo = _param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), std=out_std, dtype=pd)
 
-    def __call__(self, x, segment_ids, positions):
+    def _qkv(self, x, positions):
+        """Rotated queries (B, T, H, Dh) and keys, values (B, T, K, Dh) in the compute dtype."""
         cfg = self.cfg
-        dt = jnp.dtype(cfg.dtype)
-        B, T, _ = x.shape
-        K, G = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
-        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt), preferred_element_type=jnp.float32)
-        k = jnp.einsum("btd,dnk->btnk", x, self.wk[...].astype(dt), preferred_element_type=jnp.float32)
-        v = jnp.einsum("btd,dnk->btnk", x, self.wv[...].astype(dt), preferred_element_type=jnp.float32)
+        dt = x.dtype
+        q = einsum("btd,dhk->bthk", x, self.wq[...])  # fp32 accumulation
+        k = einsum("btd,dnk->btnk", x, self.wk[...])
+        v = einsum("btd,dnk->btnk", x, self.wv[...])
         q = rope(q, positions, theta=cfg.rope_theta).astype(dt)  # (B, T, H, Dh)
         k = rope(k, positions, theta=cfg.rope_theta).astype(dt)  # (B, S, K, Dh)
-        v = v.astype(dt)
-        q = q.reshape(B, T, K, G, cfg.head_dim) * (cfg.head_dim**-0.5)  # (B, T, K, G, Dh)
-        scores = jnp.einsum("btngk,bsnk->bngts", q, k, preferred_element_type=jnp.float32)  # (B, K, G, T, S)
-        mask = attention_mask(segment_ids, segment_ids)  # (B, T, S)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bngts,bsnk->btngk", probs, v, preferred_element_type=jnp.float32)
-        out = out.reshape(B, T, cfg.n_heads, cfg.head_dim).astype(dt)  # (B, T, H, Dh)
-        return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt), preferred_element_type=jnp.float32).astype(dt)
+        return q, k, v.astype(dt)
+
+    def __call__(self, x, segment_ids, positions):
+        q, k, v = self._qkv(x, positions)
+        # The kernel is looked up while tracing (model.attention; llmx.attention.ATTENTION).
+        attend = attention_lib.ATTENTION[attention_lib.resolve(self.cfg.attention, x.dtype)]
+        return self._project(attend(q, k, v, segment_ids))
+
+    def decode(self, x, k_cache, v_cache, *, kv_segments, segment_ids, positions, index):
+        """Attention of T new tokens at cache slots [index, index + T) over the cache (B, S, K, Dh);
+        returns the output (B, T, D) and the cache with the new keys and values written in."""
+        q, k, v = self._qkv(x, positions)
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+        mask = attention_mask(segment_ids, kv_segments, q_offset=index)  # (B, T, S)
+        out = masked_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+        return self._project(out), k_cache, v_cache
+
+    def _project(self, out):
+        """Heads (B, T, H, Dh) -> the residual stream (B, T, D)."""
+        return einsum("bthk,hkd->btd", out, self.wo[...]).astype(out.dtype)
 
 
 class MLP(nnx.Module):
@@ -111,18 +133,16 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, F = cfg.d_model, cfg.d_ff
         pd = jnp.dtype(cfg.param_dtype)
-        self.dtype = jnp.dtype(cfg.dtype)
         self.w_gate = _param(rngs, (D, F), ("embed", "mlp"), std=cfg.init_std, dtype=pd)
         self.w_up = _param(rngs, (D, F), ("embed", "mlp"), std=cfg.init_std, dtype=pd)
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         self.w_down = _param(rngs, (F, D), ("mlp", "embed"), std=out_std, dtype=pd)
 
     def __call__(self, x):
-        dt = self.dtype
-        gate = jnp.einsum("btd,df->btf", x, self.w_gate[...].astype(dt), preferred_element_type=jnp.float32)
-        up = jnp.einsum("btd,df->btf", x, self.w_up[...].astype(dt), preferred_element_type=jnp.float32)
-        hidden = (jax.nn.silu(gate) * up).astype(dt)  # (B, T, F)
-        return jnp.einsum("btf,fd->btd", hidden, self.w_down[...].astype(dt), preferred_element_type=jnp.float32).astype(dt)
+        gate = einsum("btd,df->btf", x, self.w_gate[...])  # (B, T, F) fp32
+        up = einsum("btd,df->btf", x, self.w_up[...])
+        hidden = (jax.nn.silu(gate) * up).astype(x.dtype)  # (B, T, F)
+        return einsum("btf,fd->btd", hidden, self.w_down[...]).astype(x.dtype)
 
 
 class Block(nnx.Module):
@@ -137,6 +157,16 @@ class Block(nnx.Module):
         x = x + self.attn(self.attn_norm(x), segment_ids, positions)
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("batch", "seq", "embed"))  # block boundary
+
+    def decode(self, x, k_cache, v_cache, *, kv_segments, segment_ids, positions, index):
+        """The block on T new tokens with this layer's KV cache; -> (x, k_cache, v_cache)."""
+        attn, k_cache, v_cache = self.attn.decode(
+            self.attn_norm(x), k_cache, v_cache,
+            kv_segments=kv_segments, segment_ids=segment_ids, positions=positions, index=index,
+        )
+        x = x + attn
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("batch", "seq", "embed")), k_cache, v_cache
 
 
 class Llama(nnx.Module):
@@ -178,13 +208,54 @@ class Llama(nnx.Module):
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        embed = self.embed[...]
+        x = self._run_blocks(self._embed(tokens), segment_ids, positions)
+        return self._logits(x)
+
+    def _embed(self, tokens):
         # Gather the whole table for the lookup (what ZeRO-3 does for every weight before use); a
         # lookup into a vocab- and embed-split table would make the partitioner replicate it anyway.
-        x = jnp.take(constrain(embed, (None, None)), tokens, axis=0).astype(cfg.dtype)  # (B, T, D)
-        x = constrain(x, ("batch", "seq", "embed"))
-        x = self._run_blocks(x, segment_ids, positions)
+        x = jnp.take(constrain(self.embed[...], (None, None)), tokens, axis=0).astype(compute_dtype(self.cfg))  # (B, T, D)
+        return constrain(x, ("batch", "seq", "embed"))
+
+    def _logits(self, x):
+        cfg = self.cfg
         x = self.final_norm(x)
-        unembed = embed.T if cfg.tie_embeddings else self.unembed[...]  # (D, V)
-        logits = jnp.einsum("btd,dv->btv", x, unembed.astype(cfg.dtype), preferred_element_type=jnp.float32)
+        unembed = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]  # (D, V)
+        logits = einsum("btd,dv->btv", x, unembed)  # fp32, so softmax and the loss are fp32
         return constrain(logits, ("batch", "seq", "vocab"))
+
+    def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty cache for `batch_size` rows of up to `max_len` tokens (prompt and generated)."""
+        cfg = self.cfg
+        shape = (cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
+        kv = jnp.zeros(shape, compute_dtype(cfg))
+        return KVCache(k=kv, v=kv, segment_ids=jnp.zeros((batch_size, max_len), jnp.int32))
+
+    def decode(self, tokens, cache: KVCache, *, segment_ids, positions, index):
+        """Logits (B, T, V) for T new tokens (B, T) that fill cache slots [index, index + T), and the
+        updated cache. Prefill is the call with index 0 and the whole prompt; a decode step is T = 1.
+        Slots whose segment id differs from the query's (padding: 0) are never attended to."""
+        cfg = self.cfg
+        kv_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, index, axis=1)  # (B, S)
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def layer(x, xs):
+            layer_state, k_cache, v_cache = xs
+            x, k_cache, v_cache = nnx.merge(graphdef, layer_state).decode(
+                x, k_cache, v_cache, kv_segments=kv_segments, segment_ids=segment_ids, positions=positions, index=index
+            )
+            return x, (k_cache, v_cache)
+
+        x = self._embed(tokens)
+        if cfg.scan_layers:
+            x, (k, v) = jax.lax.scan(layer, x, (stacked, cache.k, cache.v))  # k, v: (L, B, S, K, Dh)
+        else:
+            ks, vs = [], []
+            for i in range(cfg.n_layers):
+                x, (k_i, v_i) = layer(x, jax.tree.map(functools.partial(lambda a, i: a[i], i=i), (stacked, cache.k, cache.v)))
+                ks.append(k_i)
+                vs.append(v_i)
+            k, v = jnp.stack(ks), jnp.stack(vs)
+        cache_axes = ("layers", "batch", "seq", "kv_heads", "head_dim")
+        cache = KVCache(k=constrain(k, cache_axes), v=constrain(v, cache_axes), segment_ids=kv_segments)
+        return self._logits(x), cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any, Callable
 
 import flax.struct
@@ -23,6 +24,9 @@ from llmx import optim
 from llmx.config import Config
 from llmx.data.pipeline import BATCH_KEYS
 from llmx.model import Llama
+from llmx.precision import LossScaler, loss_scaler
+
+log = logging.getLogger("llmx")
 
 
 @flax.struct.dataclass
@@ -30,6 +34,10 @@ class TrainState:
     step: jax.Array  # () int32: optimizer steps taken
     params: nnx.State
     opt_state: optax.OptState
+    # () int32: steps whose update was dropped for a non-finite loss or gradient (train.on_nan)
+    skipped_steps: jax.Array = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
+    # fp16 loss scaling (llmx.precision.LossScaleState); None for fp32 and bf16
+    loss_scale: Any = None
 
 
 def loss_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -51,29 +59,54 @@ def train_step(
     tx: optax.GradientTransformation,
     lr_schedule: optax.Schedule,
     grad_shardings: Any,
+    scaler: LossScaler,
+    opt_state_to_device: Callable = lambda opt_state: opt_state,
 ) -> tuple[TrainState, dict]:
     """One optimizer step on a batch of (A, B, T) arrays: A micro-batches of B sequences."""
-    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+    n_tokens = batch["loss_mask"].astype(jnp.float32).sum()
+    inv_tokens = 1.0 / jnp.maximum(n_tokens, 1.0)
+    # fp16: differentiate the loss times the loss scale, unscale the gradients (llmx.precision).
+    pre, post = scaler.factors(state.loss_scale, inv_tokens)
+
+    def scaled_loss(params, micro_batch):
+        loss_sum, _ = loss_sums(params, graphdef, micro_batch)
+        return loss_sum * pre, loss_sum
+
+    grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
 
     def accumulate(grad_sum, micro_batch):
-        (loss_sum, _), grads = grad_fn(state.params, graphdef, micro_batch)
+        (_, loss_sum), grads = grad_fn(state.params, micro_batch)
         grads = jax.lax.with_sharding_constraint(grads, grad_shardings)  # ZeRO-2: reduce-scatter here
         return jax.tree.map(jnp.add, grad_sum, grads), loss_sum
 
     zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, state.params), grad_shardings)
     grad_sum, micro_losses = jax.lax.scan(accumulate, zeros, batch)
-    n_tokens = batch["loss_mask"].astype(jnp.float32).sum()
-    inv_tokens = 1.0 / jnp.maximum(n_tokens, 1.0)
-    grads = jax.tree.map(lambda g: g * inv_tokens, grad_sum)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    grads = jax.tree.map(lambda g: g * post, grad_sum)
+    old_opt_state = opt_state_to_device(state.opt_state)  # mesh.offload_optimizer: host -> device
+    updates, opt_state = tx.update(grads, old_opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    loss, grad_norm = micro_losses.sum() * inv_tokens, optax.tree.norm(grads)
+    # A non-finite loss or gradient drops the whole update (DeepSpeed's skipped step): a select that
+    # XLA fuses into the update, with no host round trip. fp16 overflows take the same path and
+    # also lower the loss scale.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, old_opt_state)
+    )
+    skipped_steps = state.skipped_steps + (~finite).astype(jnp.int32)
+    loss_scale = scaler.update(state.loss_scale, finite)
     metrics = {
-        "loss": micro_losses.sum() * inv_tokens,
-        "grad_norm": optax.tree.norm(grads),
+        "loss": loss,
+        "grad_norm": grad_norm,
         "lr": lr_schedule(state.step),
         "tokens": n_tokens,
+        "skipped_steps": skipped_steps,
+        **scaler.metrics(loss_scale),
     }
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new_state = TrainState(
+        step=state.step + 1, params=params, opt_state=opt_state, skipped_steps=skipped_steps, loss_scale=loss_scale
+    )
+    return new_state, metrics
 
 
 def eval_step(params: nnx.State, batch: dict, *, graphdef: nnx.GraphDef) -> tuple[jax.Array, jax.Array]:
@@ -90,6 +123,7 @@ class Steps:
     state_shardings: TrainState
     grad_shardings: Any
     init: Callable[[], TrainState]
+    init_from_params: Callable[[nnx.State], TrainState]  # step 0 and a fresh optimizer around given weights
     train: Callable[[TrainState, dict], tuple[TrainState, dict]]
     evaluate: Callable[[nnx.State, dict], tuple[jax.Array, jax.Array]]
     batch_shardings: dict
@@ -122,6 +156,20 @@ def opt_state_shardings(abstract_opt_state, abstract_params, moment_shardings, m
     )
 
 
+def offloaded(opt_shardings, *, offload: bool):
+    """(optimizer-state shardings between steps, a function the step calls to bring the state into
+    device memory). With `offload` on GPU/TPU the state rests in pinned host memory (ZeRO-Offload,
+    Ren et al. 2021, keeps it on the host too); on CPU host and device memory are one, so it is a no-op."""
+    leaves = jax.tree.leaves(opt_shardings)
+    if not offload or not leaves or leaves[0].mesh.devices.flat[0].platform == "cpu":
+        if offload:
+            log.info("mesh.offload_optimizer: CPU devices already hold the optimizer state in host memory (no-op)")
+        return opt_shardings, lambda opt_state: opt_state
+    host = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
+    device = jax.tree.map(lambda s: s.with_memory_kind("device"), opt_shardings)
+    return host, lambda opt_state: jax.device_put(opt_state, device)
+
+
 def build_steps(cfg: Config, mesh: Mesh) -> Steps:
     """The optimizer, the state's shardings and the jitted step functions for `cfg` on `mesh`."""
     abstract_model = nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
@@ -137,13 +185,27 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
     def init() -> TrainState:
         model = Llama(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
         params = nnx.state(model, nnx.Param)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        return init_from_params(params)
+
+    scaler = loss_scaler(cfg.train)
+
+    def init_from_params(params: nnx.State) -> TrainState:
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(
+            step=zero, params=params, opt_state=tx.init(params), skipped_steps=zero, loss_scale=scaler.init()
+        )
 
     abstract_state = jax.eval_shape(init)
+    opt_sh, opt_state_to_device = offloaded(
+        opt_state_shardings(abstract_state.opt_state, abstract_params, moment_sh, mesh),
+        offload=cfg.mesh.offload_optimizer,
+    )
     state_sh = TrainState(
         step=mesh_lib.replicated(mesh),
         params=param_sh,
-        opt_state=opt_state_shardings(abstract_state.opt_state, abstract_params, moment_sh, mesh),
+        opt_state=opt_sh,
+        skipped_steps=mesh_lib.replicated(mesh),
+        loss_scale=jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract_state.loss_scale),
     )
     batch_sh = {k: mesh_lib.batch_sharding(mesh, 3, batch_dim=1) for k in BATCH_KEYS}
     eval_batch_sh = {k: mesh_lib.batch_sharding(mesh, 2) for k in BATCH_KEYS}
@@ -159,7 +221,10 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
 
         return traced
 
-    step_fn = functools.partial(train_step, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule, grad_shardings=grad_sh)
+    step_fn = functools.partial(
+        train_step, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule, grad_shardings=grad_sh, scaler=scaler,
+        opt_state_to_device=opt_state_to_device,
+    )
     return Steps(
         mesh=mesh,
         graphdef=graphdef,
@@ -167,6 +232,7 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
         state_shardings=state_sh,
         grad_shardings=grad_sh,
         init=jax.jit(under_rules(init), out_shardings=state_sh),
+        init_from_params=jax.jit(under_rules(init_from_params), in_shardings=(param_sh,), out_shardings=state_sh),
         train=jax.jit(
             under_rules(step_fn),
             in_shardings=(state_sh, batch_sh),

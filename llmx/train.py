@@ -8,6 +8,7 @@ same `train.run_dir` resumes from the newest checkpoint, data iterator included.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import time
@@ -18,14 +19,18 @@ import numpy as np
 
 from llmx import config as config_lib
 from llmx import data as data_lib
+from llmx import distributed
 from llmx import mesh as mesh_lib
-from llmx.checkpoint import Checkpointer, abstract_with_shardings
+from llmx.checkpoint import Checkpointer, initial_state
 from llmx.config import Config
 from llmx.cli import run as run_cli
-from llmx.errors import ConfigError
+from llmx.errors import ConfigError, TrainingError
+from llmx.evaluate import build_eval_sets, evaluate_sets
+from llmx.flops import mfu, peak_flops
 from llmx.generate import sample_text
 from llmx.metrics import MetricsWriter
-from llmx.step import Steps, build_steps
+from llmx.plot import plot_runs
+from llmx.step import build_steps
 
 log = logging.getLogger("llmx")
 
@@ -35,9 +40,9 @@ def enable_compilation_cache(path: str) -> None:
         jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
 
 
-def batch_layout(cfg: Config, mesh) -> tuple[int, int]:
-    """(global sequences per micro-step, this process's rows per optimizer step), after checking
-    DeepSpeed's arithmetic: global batch = micro_batch_size x grad_accum_steps x data-parallel size."""
+def batch_layout(cfg: Config, mesh) -> int:
+    """Global sequences per micro-step, after checking DeepSpeed's arithmetic:
+    global batch = micro_batch_size x grad_accum_steps x data-parallel size."""
     t = cfg.train
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     global_batch = t.micro_batch_size * t.grad_accum_steps * dp
@@ -53,7 +58,7 @@ def batch_layout(cfg: Config, mesh) -> tuple[int, int]:
             f"{micro_rows} sequences per micro-step cannot be split over {jax.process_count()} processes; "
             "raise train.micro_batch_size"
         )
-    return micro_rows, t.grad_accum_steps * micro_rows // jax.process_count()
+    return micro_rows
 
 
 def to_global(local: dict[str, np.ndarray], shardings: dict, leading: tuple[int, ...]) -> dict:
@@ -64,23 +69,6 @@ def to_global(local: dict[str, np.ndarray], shardings: dict, leading: tuple[int,
         global_shape = (*leading, value.shape[-2] * jax.process_count(), value.shape[-1])
         out[key] = jax.make_array_from_process_local_data(shardings[key], value, global_shape)
     return out
-
-
-def _eval_source(sources: dict):
-    if "validation" in sources:
-        return sources["validation"]
-    log.warning("the corpus is too small for a validation split (data.validation_percent); evaluating on train")
-    return sources["train"]
-
-
-def evaluate(steps: Steps, params, eval_batches: list[dict]) -> float:
-    """Mean target-token cross-entropy over a fixed list of device batches."""
-    total, count = 0.0, 0.0
-    for batch in eval_batches:
-        loss_sum, n_tokens = steps.evaluate(params, batch)
-        total += float(loss_sum)
-        count += float(n_tokens)
-    return total / max(count, 1.0)
 
 
 class _StopRequest:
@@ -103,6 +91,18 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def _close_on_error(*resources):
+    """When the loop raises, closes `resources` in order (the checkpointer last: a save in flight
+    completes first) and re-raises."""
+    try:
+        yield
+    except BaseException:
+        for resource in resources:
+            resource.close()
+        raise
+
+
 def train(cfg: Config, *, devices=None) -> dict:
     """Trains as configured; returns a summary (eval losses, per-step losses, the sample)."""
     t_start = time.perf_counter()
@@ -110,48 +110,28 @@ def train(cfg: Config, *, devices=None) -> dict:
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
-    micro_rows, local_rows = batch_layout(cfg, mesh)
-    tokenizer = data_lib.build_tokenizer(cfg.data.tokenizer, vocab_size=cfg.model.vocab_size)
-    sources = data_lib.prepare(
-        cfg.data.source,
-        cache_dir=cfg.data.cache_dir,
-        validation_percent=cfg.data.validation_percent,
-        max_documents=cfg.data.max_documents,
+    micro_rows = batch_layout(cfg, mesh)
+    data = distributed.first_process_first(
+        lambda: data_lib.prepare_data(cfg, run_dir=run_dir if jax.process_index() == 0 else None)
     )
+    tokenizer = data.tokenizer
     steps = build_steps(cfg, mesh)
     if jax.process_index() == 0:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
-    pipeline = dict(
-        seq_len=cfg.model.seq_len,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    accum = cfg.train.grad_accum_steps
+    rows = data_lib.process_rows(process_index=jax.process_index(), process_count=jax.process_count(),
+                                 leading=accum, rows=micro_rows)
     train_iter = iter(
         data_lib.batches(
-            sources["train"], tokenizer, batch_rows=local_rows, seed=cfg.train.seed,
-            num_threads=cfg.data.num_threads, prefetch=cfg.data.prefetch, **pipeline,
+            data.train, tokenizer, seq_len=cfg.model.seq_len, global_rows=accum * micro_rows, rows=rows,
+            seed=cfg.train.seed, prefetch=cfg.data.prefetch, text_field=data.text_field,
         )
     )
-    eval_iter = iter(
-        data_lib.batches(
-            _eval_source(sources), tokenizer,
-            batch_rows=micro_rows // jax.process_count(), seed=None, num_threads=0, prefetch=0, **pipeline,
-        )
-    )
-    eval_batches = [to_global(next(eval_iter), steps.eval_batch_shardings, ()) for _ in range(cfg.train.eval_batches)]
-    eval_iter.close()
+    eval_sets = build_eval_sets(cfg, steps, data)
 
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
-    start = ckpt.latest_step()
-    if start is not None:
-        target = abstract_with_shardings(steps.abstract_state, steps.state_shardings)
-        state, data_state = ckpt.restore(start, target)
-        train_iter.set_state(data_state)
-        log.info("resumed from %s at step %d", ckpt.directory / str(start), start)
-    else:
-        start = 0
-        state = steps.init()
+    state, start = initial_state(ckpt, cfg.checkpoint, steps, train_iter)
 
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     log.info(
@@ -163,18 +143,39 @@ def train(cfg: Config, *, devices=None) -> dict:
     summary = {"start_step": start, "losses": {}, "eval_losses": {}}
 
     def run_eval(step: int) -> float:
-        loss = evaluate(steps, state.params, eval_batches)
-        summary["eval_losses"][step] = loss
-        writer.write(step, {"eval_loss": loss})
-        writer.message(f"step {step}: eval_loss {loss:.4f}")
-        return loss
+        """Every eval set; the first (validation) is `eval_loss`, the others `eval/<name>_loss`."""
+        results = evaluate_sets(steps.evaluate, state.params, eval_sets)
+        main, others = results[0], results[1:]
+        record = {"eval_loss": main.loss, "eval_bits_per_byte": main.bits_per_byte}
+        record.update({f"eval/{r.name}_loss": r.loss for r in others})
+        summary["eval_losses"][step] = main.loss
+        writer.write(step, record)
+        writer.message(f"step {step}: " + ", ".join(f"{r.name} loss {r.loss:.4f} ({r.bits_per_byte:.3f} bits/byte)" for r in results))
+        return main.loss
 
     def save(step: int) -> None:
-        ckpt.save(step, state, data_state=train_iter.get_state(), config_yaml=cfg.to_yaml())
+        if pending:
+            flush(step)  # under train.on_nan=stop a non-finite step must stop the run before it is saved
+        ckpt.save(step, state, data_state=distributed.global_data_state(train_iter.get_state()), config_yaml=cfg.to_yaml())
+
+    def check_finite(step: int, m: dict) -> None:
+        if np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]):
+            return
+        if "loss_scale" in m and np.isfinite(m["loss"]):  # fp16 gradient overflow: loss scaling's business
+            writer.message(f"step {step}: fp16 gradient overflow, update skipped; loss scale now {m['loss_scale']:g}")
+            return
+        if cfg.train.on_nan == "stop":
+            raise TrainingError(
+                f"step {step}: loss {m['loss']}, grad_norm {m['grad_norm']}; stopped without saving "
+                f"(train.on_nan=stop); rerunning resumes from the newest checkpoint in {ckpt.shown}"
+            )
+        writer.message(f"step {step}: loss {m['loss']}, grad_norm {m['grad_norm']}: update skipped "
+                       f"({m['skipped_steps']} so far; train.on_nan=skip)")
 
     if start == 0 and cfg.train.eval_every:
         run_eval(0)
 
+    peak = peak_flops(mesh.devices.flat)
     pending: list[tuple[int, dict]] = []
     tokens_per_step = cfg.model.seq_len * micro_rows * cfg.train.grad_accum_steps
     clock = time.perf_counter()
@@ -189,15 +190,19 @@ def train(cfg: Config, *, devices=None) -> dict:
         for (s, _), m in zip(pending, fetched):
             m = {k: float(v) for k, v in m.items()}
             m.pop("tokens")
+            m["skipped_steps"] = int(m["skipped_steps"])
             summary["losses"][s] = m["loss"]
-            writer.write(s, {**m, "step_time": step_time, "tokens_per_second": tokens_per_step / step_time})
+            tokens_per_second = tokens_per_step / step_time
+            writer.write(s, {**m, "step_time": step_time, "tokens_per_second": tokens_per_second,
+                             "mfu": mfu(tokens_per_second, cfg.model, peak)})
+            check_finite(s, m)
         last = {k: float(v) for k, v in fetched[-1].items()}
         writer.progress(step, loss=last["loss"], tok_s=tokens_per_step / step_time)
         pending.clear()
         clock, timed_from = now, step + 1
 
     step = start
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, _close_on_error(writer, train_iter, ckpt):
         for step in range(start + 1, cfg.train.steps + 1):
             batch = to_global(next(train_iter), steps.batch_shardings, (cfg.train.grad_accum_steps,))
             state, metrics = steps.train(state, batch)
@@ -223,13 +228,17 @@ def train(cfg: Config, *, devices=None) -> dict:
 
     if not stop.signal and step == cfg.train.steps:
         summary["final_eval_loss"] = run_eval(step) if step not in summary["eval_losses"] else summary["eval_losses"][step]
-        if cfg.train.sample_tokens and jax.process_index() == 0:
+        if cfg.train.sample_tokens:  # every process joins the sharded decode; process 0 prints
             summary["sample"] = sample_text(
                 state.params, steps.graphdef, tokenizer, cfg.train.sample_prompt,
-                seq_len=cfg.model.seq_len, max_new_tokens=cfg.train.sample_tokens, seed=cfg.train.seed,
+                seq_len=cfg.model.seq_len, max_new_tokens=cfg.train.sample_tokens, seed=cfg.train.seed, mesh=mesh,
             )
             writer.message("sample:\n" + cfg.train.sample_prompt + summary["sample"])
+    if cfg.train.plot and jax.process_index() == 0:
+        plot_runs([run_dir], run_dir / "metrics.png")
+        summary["plot"] = run_dir / "metrics.png"
     summary["params"] = state.params
+    summary["skipped_steps"] = int(state.skipped_steps)
     summary["stopped_by"] = stop.signal
     summary["final_step"] = step
     summary["wall_seconds"] = time.perf_counter() - t_start
@@ -246,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     cfg = config_lib.load(args.config, args.overrides)
+    distributed.initialize()
     summary = train(cfg)
     if "final_eval_loss" in summary:
         log.info("final validation loss %.4f after %d steps", summary["final_eval_loss"], summary["final_step"])

@@ -1,14 +1,22 @@
 """The Grain pipeline from documents to model-ready batches.
 
-documents --(this process's shard)--> shuffle by seed, reshuffled each epoch --> tokenize (BOS text EOS)
---> concat-then-split packing into seq_len + 1 tokens --> shift into inputs/targets --> batch --> prefetch.
+documents (a weighted mixture, shuffled by seed and reshuffled each epoch) --> row stream r takes every
+G-th document from r (G = rows of a global batch) --> tokenize (BOS text EOS) --> concat-then-split
+packing into seq_len + 1 tokens --> shift into inputs/targets --> row r of every batch --> prefetch.
+
+Why one packing stream per batch row (the project's own idea, not Grain's): a process builds only the
+rows of the global batch that its devices hold, reading only those rows' documents, and yet the global
+batch is the same whether 1 or 16 processes build it. So a run behaves identically at any process
+count, and the data state (one Grain state per row stream) can be regathered into the global state and
+split again on resume with a different number of processes.
 
 Packed rows carry `segment_ids` (1, 2, ... per document piece, 0 for padding) and `positions` that restart
 at every document, so the model can mask attention across documents and rotate by in-document position.
-The iterator's `get_state()` is saved in each checkpoint: restoring it resumes with the exact next batch.
 """
 
 from __future__ import annotations
+
+from typing import Any, Sequence
 
 import grain
 import numpy as np
@@ -31,36 +39,89 @@ def _shift(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def documents(source, *, seed: int | None, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-    """One epoch of this process's documents: every `process_count`-th one, shuffled by `seed`."""
-    if len(source) < process_count:
-        raise DataError(f"{len(source)} documents cannot be split over {process_count} processes; add data")
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    return ds if seed is None else ds.shuffle(seed=seed)
+def document_stream(sources, *, seed: int | None) -> grain.MapDataset:
+    """The endless global document order: sources mixed by weight, each shuffled by `seed` and
+    reshuffled every epoch (`seed=None`: document order, for evaluation)."""
+    weighted = sources if isinstance(sources, list) else [(sources, 1.0)]
+    streams = []
+    for i, (source, _) in enumerate(weighted):
+        if len(source) == 0:
+            raise DataError("a data source has no documents")
+        ds = source if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source)
+        streams.append((ds if seed is None else ds.shuffle(seed=seed + i)).repeat(None))
+    return streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, [w for _, w in weighted])
+
+
+def process_rows(*, process_index: int, process_count: int, leading: int, rows: int) -> list[int]:
+    """Global row-stream ids held by a process, in its local (leading, rows/process_count) order.
+
+    A global batch is (leading, rows, T) with `rows` split over processes in contiguous blocks (the
+    device order of `jax.make_array_from_process_local_data`); stream id = a * rows + row."""
+    local = rows // process_count
+    return [a * rows + process_index * local + j for a in range(leading) for j in range(local)]
+
+
+class _RowsDataset(grain.IterDataset):
+    """Batches whose i-th row comes from the i-th parent stream (global row-stream id `ids[i]`)."""
+
+    def __init__(self, parents, ids: Sequence[int]):
+        super().__init__(parents)
+        self._ids = list(ids)
+
+    def __iter__(self):
+        return _RowsIterator([iter(p) for p in self._parents], self._ids)
+
+
+class _RowsIterator(grain.DatasetIterator):
+    def __init__(self, parents, ids: Sequence[int]):
+        super().__init__(parents)
+        self._ids = [str(i) for i in ids]
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = [next(p) for p in self._parents]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}  # each (rows, T)
+
+    def get_state(self) -> dict[str, Any]:
+        """{"rows": {global stream id: Grain state}}: the union over processes is the global state."""
+        return {"rows": {i: p.get_state() for i, p in zip(self._ids, self._parents)}}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Takes this process's streams from a local or global state; an empty state means "fresh"."""
+        saved = state.get("rows", {})
+        if not saved:
+            return
+        missing = [i for i in self._ids if i not in saved]
+        if missing:
+            raise DataError(
+                f"the checkpoint's data state has {len(saved)} row streams but this run needs stream {missing[0]}: "
+                "the global batch (micro_batch_size x grad_accum_steps x data-parallel size) must stay the same to resume"
+            )
+        for i, p in zip(self._ids, self._parents):
+            p.set_state(saved[i])
 
 
 def batches(
-    source,
+    sources,
     tokenizer,
     *,
     seq_len: int,
-    batch_rows: int,
+    global_rows: int,
+    rows: Sequence[int] | None = None,
     seed: int | None,
-    process_index: int = 0,
-    process_count: int = 1,
-    num_threads: int = 2,
     prefetch: int = 8,
+    text_field: str = "text",
 ) -> grain.IterDataset:
-    """An endless IterDataset of dicts of (batch_rows, seq_len) arrays for this process.
-
-    `seed=None` keeps document order (evaluation); otherwise documents are shuffled and reshuffled
-    each epoch, deterministically.
-    """
-    ds = documents(source, seed=seed, process_index=process_index, process_count=process_count)
-    ds = ds.repeat(None).map(lambda record: {"tokens": tokenizer.encode(document_text(record))})
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * batch_rows))
-    it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len + 1})
-    it = it.map(_shift).batch(batch_rows, drop_remainder=True)
+    """An endless IterDataset of dicts of (len(rows), seq_len) arrays: the given row streams of global
+    batches of `global_rows` rows (default: all of them, in order)."""
+    docs = document_stream(sources, seed=seed)
+    tokenize = lambda record: {"tokens": tokenizer.encode(document_text(record, text_field))}  # noqa: E731
+    rows = list(range(global_rows) if rows is None else rows)
+    streams = []
+    for r in rows:
+        it = docs[r::global_rows].map(tokenize).to_iter_dataset()
+        it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len + 1})
+        streams.append(it.map(_shift))
+    ds = _RowsDataset(streams, rows)
     if prefetch:
-        it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
-    return it
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+    return ds

@@ -1,0 +1,152 @@
+"""Several processes as one program: `jax.distributed` initialisation and the few host-side exchanges
+the trainer needs.
+
+Initialise when the environment says there are several processes:
+- explicit: `LLMX_COORDINATOR` (host:port), `LLMX_NUM_PROCESSES`, `LLMX_PROCESS_ID` (what `llmx.launch`
+  sets), or the same given as arguments;
+- a Cloud TPU pod slice, SLURM (`SLURM_NTASKS` > 1) or Open MPI (`OMPI_COMM_WORLD_SIZE` > 1): JAX's own
+  cluster detection fills in coordinator and ranks;
+otherwise run as a single process. Joining has a timeout (`LLMX_INIT_TIMEOUT`, seconds): a wrong
+coordinator address or a missing peer becomes a one-line error, not a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+
+import jax
+import numpy as np
+
+from llmx.errors import LlmxError
+
+log = logging.getLogger(__name__)
+
+
+class DistributedError(LlmxError):
+    """Processes that could not join each other."""
+
+
+def _cluster_size() -> int:
+    for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        if os.environ.get(var, "1").isdigit() and int(os.environ.get(var, "1")) > 1:
+            return int(os.environ[var])
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return len(hosts.split(",")) if hosts else 1
+
+
+def _rendezvous(coordinator: str, num_processes: int, process_id: int, timeout_s: float) -> None:
+    """Meet every process over plain TCP on the coordinator's port before JAX does.
+
+    JAX's coordination client aborts the whole process (a C++ fatal error) when the coordinator cannot
+    be reached or a peer never registers; checking first turns both into a readable error after the
+    timeout. Process 0 listens, the others connect and say who they are, process 0 answers "go" once
+    all have come; then the port is released for JAX's coordination service."""
+    host, port = coordinator.rsplit(":", 1)
+    deadline = time.monotonic() + timeout_s
+    if process_id == 0:
+        with socket.create_server((host, int(port)), reuse_port=False) as server:
+            server.settimeout(1.0)
+            peers: dict[int, socket.socket] = {}
+            while len(peers) < num_processes - 1:
+                if time.monotonic() > deadline:
+                    missing = sorted(set(range(1, num_processes)) - set(peers))
+                    raise DistributedError(
+                        f"process 0 waited {timeout_s:.0f} s at {coordinator} for {num_processes} processes; "
+                        f"missing: {', '.join(map(str, missing))}"
+                    )
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                conn.settimeout(max(deadline - time.monotonic(), 1.0))
+                peers[int(conn.recv(16).decode() or -1)] = conn
+            for conn in peers.values():
+                conn.sendall(b"go")
+                conn.close()
+        return
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0) as conn:
+                conn.sendall(str(process_id).encode())
+                conn.settimeout(max(deadline - time.monotonic(), 1.0))
+                if conn.recv(2) == b"go":
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise DistributedError(
+                f"process {process_id} could not join {num_processes} processes at coordinator {coordinator} "
+                f"within {timeout_s:.0f} s: no answer from process 0 there"
+            )
+        time.sleep(0.5)
+
+
+def initialize(
+    *, coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+    timeout_s: int | None = None,
+) -> bool:
+    """Joins the other processes if there are any; True when running as several processes."""
+    coordinator = coordinator or os.environ.get("LLMX_COORDINATOR")
+    num_processes = num_processes or int(os.environ.get("LLMX_NUM_PROCESSES", "0") or 0)
+    if process_id is None and os.environ.get("LLMX_PROCESS_ID"):
+        process_id = int(os.environ["LLMX_PROCESS_ID"])
+    timeout_s = timeout_s or int(os.environ.get("LLMX_INIT_TIMEOUT", "300"))
+    explicit = coordinator is not None and (num_processes or 0) > 1
+    if not explicit and _cluster_size() <= 1:
+        return False
+    kwargs = {}
+    if explicit:
+        _rendezvous(coordinator, num_processes, process_id, timeout_s)
+        kwargs = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    try:
+        jax.distributed.initialize(initialization_timeout=timeout_s, **kwargs)
+    except Exception as e:  # the coordination service reports failures as assorted runtime errors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = f"coordinator {coordinator}" if explicit else "the cluster's coordinator"
+        raise DistributedError(
+            f"process {process_id} could not join {num_processes or '?'} processes at {where} within {timeout_s} s: "
+            f"{first[:300]}"
+        ) from None
+    if jax.process_index() != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # logs and metrics come from process 0
+    log.info("joined %d processes; %d local of %d devices", jax.process_count(), jax.local_device_count(),
+             jax.device_count())
+    return True
+
+
+def gather_json(value) -> list:
+    """Every process's JSON-able `value`, in process order (one all-gather of padded bytes)."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([data.size], np.int64)).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    gathered = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+    return [json.loads(bytes(row[:n])) for row, n in zip(gathered, sizes)]
+
+
+def global_data_state(local_state: dict) -> dict:
+    """The data pipeline's global state: the union of every process's row streams (llmx.data.pipeline)."""
+    rows: dict = {}
+    for state in gather_json(local_state):
+        rows.update(state.get("rows", {}))
+    return {"rows": rows}
+
+
+def first_process_first(fn):
+    """`fn()` on process 0, then on the others: for work that writes shared files (preparing a dataset,
+    training a tokenizer) that the others then only read."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    result = fn() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("llmx: process 0 done first")
+    return result if jax.process_index() == 0 else fn()

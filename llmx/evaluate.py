@@ -1,0 +1,258 @@
+"""`python -m llmx.evaluate --run-dir R` (or `--config X [section.key=value ...]`): loss, perplexity and
+bits per byte of a checkpoint on each eval set, as a table or `--json`.
+
+The trainer's periodic eval calls `evaluate` here too, so both report the same number for the same
+parameters: per batch, the jitted `eval_step` returns (sum of target nats, target count) and the sums
+are added in float64 on the host. Bits per byte (Gao et al. 2020, The Pile §4): total nats /
+(ln 2 x UTF-8 bytes of the counted target tokens), the bytes measured by decoding the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from llmx import config as config_lib
+from llmx import data as data_lib
+from llmx import mesh as mesh_lib
+from llmx.checkpoint import abstract_with_shardings
+from llmx.cli import run as run_cli
+from llmx.config import Config
+from llmx.errors import CheckpointError, ConfigError
+from llmx.step import Steps, build_steps
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+    """A named, fixed list of device batches (dicts of (B, T) arrays) and their targets' UTF-8 bytes."""
+
+    name: str
+    batches: list[dict]
+    n_bytes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    name: str
+    nats: float  # summed target-token cross-entropy
+    tokens: float
+    n_bytes: int
+
+    @property
+    def loss(self) -> float:
+        return self.nats / max(self.tokens, 1.0)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 700.0))
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nats / (math.log(2) * self.n_bytes) if self.n_bytes else float("nan")
+
+    def to_dict(self) -> dict:
+        return {"loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte,
+                "tokens": int(self.tokens), "bytes": self.n_bytes}
+
+
+def evaluate_sets(eval_step: Callable, params, eval_sets: Sequence[EvalSet]) -> list[EvalResult]:
+    """Every eval set through `eval_step(params, batch) -> (nats, tokens)`."""
+    results = []
+    for eval_set in eval_sets:
+        nats, tokens = 0.0, 0.0
+        for batch in eval_set.batches:
+            loss_sum, n_tokens = eval_step(params, batch)
+            nats += float(loss_sum)
+            tokens += float(n_tokens)
+        results.append(EvalResult(eval_set.name, nats, tokens, eval_set.n_bytes))
+    return results
+
+
+def target_bytes(tokenizer, targets: np.ndarray, loss_mask: np.ndarray) -> int:
+    """UTF-8 bytes of the counted targets: each maximal run of counted targets in a row is decoded
+    whole, so a multi-byte character counts once and special tokens (decoded to '') count zero."""
+    total = 0
+    targets, loss_mask = targets.reshape(-1, targets.shape[-1]), loss_mask.reshape(-1, loss_mask.shape[-1])
+    for row, mask in zip(targets, loss_mask.astype(np.int8)):
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))  # run starts and stops
+        for start, stop in edges.reshape(-1, 2):
+            total += len(tokenizer.decode(row[start:stop]).encode("utf-8"))
+    return total
+
+
+def build_eval_sets(cfg: Config, steps: Steps, data: data_lib.PreparedData) -> list[EvalSet]:
+    """Every named eval set of `data` (`validation` first, then `data.eval_sources`; the training mixture
+    when there is none) as the trainer builds its eval batches: the first `train.eval_batches` batches
+    in document order."""
+    from llmx.train import batch_layout, to_global  # here, not at the top: the trainer imports this module
+
+    micro_rows = batch_layout(cfg, steps.mesh)
+    named = data.eval_sets
+    if not named:
+        log.warning("the corpus is too small for a validation split (data.validation_percent); evaluating on train")
+        named = {"train": data.train}
+    eval_sets = []
+    for name, source in named.items():
+        rows = data_lib.process_rows(process_index=jax.process_index(), process_count=jax.process_count(),
+                                     leading=1, rows=micro_rows)
+        it = iter(data_lib.batches(source, data.tokenizer, seq_len=cfg.model.seq_len, global_rows=micro_rows,
+                                   rows=rows, seed=None, prefetch=0, text_field=data.text_field))
+        local = [next(it) for _ in range(cfg.train.eval_batches)]
+        it.close()
+        n_bytes = sum(target_bytes(data.tokenizer, b["targets"], b["loss_mask"]) for b in local)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            n_bytes = int(multihost_utils.process_allgather(np.int64(n_bytes)).sum())
+        batches = [to_global(b, steps.eval_batch_shardings, ()) for b in local]
+        eval_sets.append(EvalSet(name, batches, n_bytes))
+    return eval_sets
+
+
+@dataclasses.dataclass
+class RestoredRun:
+    cfg: Config
+    steps: Steps
+    params: object  # nnx.State placed with the training shardings
+    step: int
+    checkpoint: Path
+    tokenizer: object
+
+
+def _checkpoint_dir(cfg: Config, checkpoint: str | None) -> tuple[Path, int]:
+    """(the CheckpointManager directory, step) of `checkpoint` (a step directory or a directory of
+    steps) or of the newest checkpoint in `train.run_dir/checkpoints`."""
+    path = Path(checkpoint if checkpoint else Path(cfg.train.run_dir) / "checkpoints").absolute()
+    if path.name.isdigit() and (path / "state").is_dir():
+        return path.parent, int(path.name)
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint directory {path}; train first or pass --checkpoint")
+    step = ocp.CheckpointManager(path).latest_step()
+    if step is None:
+        raise CheckpointError(f"no complete checkpoint in {path}; train first or pass --checkpoint")
+    return path, step
+
+
+def _flat_shapes(tree, prefix="") -> dict[str, tuple]:
+    """{'blocks.attn.wq': shape, ...} of nested dicts of arrays, ShapeDtypeStructs or Orbax metadata."""
+    if isinstance(tree, dict) or hasattr(tree, "items"):
+        out = {}
+        for key, value in tree.items():
+            name = prefix if key == "value" else f"{prefix}.{key}".lstrip(".")  # nnx.Variable -> {'value': x}
+            out.update(_flat_shapes(value, name))
+        return out
+    return {prefix: tuple(tree.shape)}
+
+
+def check_param_shapes(directory: Path, step: int, abstract_params) -> None:
+    """A CheckpointError naming the first parameter whose stored shape is not the configured one
+    (checked on metadata, before Orbax starts reading arrays)."""
+    metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory / str(step) / "state"))
+    stored = _flat_shapes(metadata["params"])
+    for name, shape in _flat_shapes(nnx.to_pure_dict(abstract_params)).items():
+        if name not in stored:
+            raise CheckpointError(f"checkpoint {directory / str(step)} has no parameter {name}")
+        if stored[name] != shape:
+            raise CheckpointError(
+                f"parameter {name} has shape {stored[name]} in checkpoint {directory / str(step)} but the "
+                f"config gives {shape}; evaluate with the run's own model settings"
+            )
+
+
+def restore_params(directory: Path, step: int, steps: Steps):
+    """Only the parameters of the train state at `step`, placed with the training shardings."""
+    check_param_shapes(directory, step, steps.abstract_state.params)
+    target = {"params": abstract_with_shardings(steps.abstract_state.params, steps.state_shardings.params)}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)  # places each array by its sharding
+    args = ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+    )
+    try:
+        return ocp.CheckpointManager(directory).restore(step, args=args).state["params"]
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {directory / str(step)} cannot be restored into the configured model: {first_line}"
+        ) from None
+
+
+def load_config(*, run_dir: str | None, config: str | None, overrides: Sequence[str]) -> Config:
+    """The config of `run_dir` (its config.yaml, with run_dir pointing at it) or of a YAML file."""
+    if run_dir:
+        path = Path(run_dir) / "config.yaml"
+        if not path.is_file():
+            raise ConfigError(f"{run_dir} is not a run directory: it has no config.yaml")
+        return config_lib.load(path, [f"train.run_dir={run_dir}", *overrides])
+    return config_lib.load(config, list(overrides))
+
+
+def restore_run(
+    *, run_dir: str | None = None, config: str | None = None, overrides: Sequence[str] = (),
+    checkpoint: str | None = None, single_device: bool = False,
+) -> RestoredRun:
+    """A run's config, compiled steps on its training mesh (or one device) and restored parameters."""
+    cfg = load_config(run_dir=run_dir, config=config, overrides=overrides)
+    devices = jax.devices()[:1] if single_device else None
+    if single_device:
+        cfg = cfg.replace(mesh={"data": 1, "fsdp": 1, "tensor": 1})
+    mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+    steps = build_steps(cfg, mesh)
+    directory, step = _checkpoint_dir(cfg, checkpoint)
+    params = restore_params(directory, step, steps)
+    # The run's own tokenizer.json (BPE) wins over any cached or retrained one.
+    tokenizer = data_lib.build_tokenizer(cfg.data, vocab_size=cfg.model.vocab_size, run_dir=Path(cfg.train.run_dir))
+    return RestoredRun(cfg, steps, params, step, directory / str(step), tokenizer)
+
+
+def format_table(results: Sequence[EvalResult]) -> str:
+    lines = [f"{'eval set':<14}{'tokens':>10}{'bytes':>10}{'loss':>10}{'perplexity':>12}{'bits/byte':>11}"]
+    for r in results:
+        lines.append(f"{r.name:<14}{int(r.tokens):>10}{r.n_bytes:>10}{r.loss:>10.4f}{r.perplexity:>12.4f}"
+                     f"{r.bits_per_byte:>11.4f}")
+    return "\n".join(lines)
+
+
+def run_evaluation(**restore_kwargs) -> tuple[RestoredRun, list[EvalResult]]:
+    """Restores a run (see `restore_run`) and evaluates it on every eval set."""
+    run = restore_run(**restore_kwargs)
+    data = data_lib.prepare_data(run.cfg, run_dir=Path(run.cfg.train.run_dir))
+    eval_sets = build_eval_sets(run.cfg, run.steps, data)
+    return run, evaluate_sets(run.steps.evaluate, run.params, eval_sets)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llmx.evaluate", description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-dir", help="a run directory: reads RUN_DIR/config.yaml")
+    source.add_argument("--config", help="a YAML config (its train.run_dir holds the checkpoints)")
+    parser.add_argument("--checkpoint", help="a checkpoint directory (default: the newest of the run)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--single-device", action="store_true", help="one device instead of the training mesh")
+    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    args = parser.parse_args(argv)
+    run, results = run_evaluation(run_dir=args.run_dir, config=args.config, overrides=args.overrides,
+                                  checkpoint=args.checkpoint, single_device=args.single_device)
+    if args.json:
+        report = {"checkpoint": str(run.checkpoint), "step": run.step, "eval_sets": {r.name: r.to_dict() for r in results}}
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"checkpoint {run.checkpoint} (step {run.step})")
+        print(format_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,64 @@
+"""AOT worker of tests/test_attention.py (runs under LLMX_AOT_PYTHON, which need not have pytest):
+`python tests/aot_attention_worker.py tpu|cuda` prints one JSON report."""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+AOT_MODEL = ["model.vocab_size=512", "model.d_model=512", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+             "model.d_ff=1024", "model.seq_len=512", "train.micro_batch_size=2", "train.precision=bf16"]
+
+
+def _tpu_worker() -> dict:
+    from jax.experimental import topologies
+
+    from llmx import config as config_lib
+    from llmx.mesh import make_mesh
+    from llmx.plan import compile_train_step
+    from llmx.step import build_steps
+
+    devices = list(topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices)
+    cfg = config_lib.load(None, [*AOT_MODEL, "model.attention=splash", "mesh.data=1", "mesh.fsdp=-1",
+                                 "mesh.zero_stage=1", "mesh.offload_optimizer=true"])
+    steps = build_steps(cfg, make_mesh(cfg.mesh, devices))
+    compiled = compile_train_step(cfg, steps)
+    hlo = compiled.as_text()
+    kinds = sorted({s.memory_kind for s in jax.tree.leaves(steps.state_shardings.opt_state)})
+    analysis = compiled.memory_analysis()
+    return {
+        "splash_kernel_calls": hlo.count("tpu_custom_call"),
+        "opt_state_memory_kinds": kinds,
+        # S(5) is the host memory space in TPU HLO layouts; the step copies the state in and out.
+        "host_offload_in_hlo": "S(5)" in hlo,
+        "host_bytes": getattr(analysis, "host_argument_size_in_bytes", 0) + getattr(analysis, "host_output_size_in_bytes", 0),
+    }
+
+
+def _cuda_worker() -> dict:
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from llmx.attention import cudnn_attention
+    devices = topologies.get_topology_desc("h100", platform="cuda", target_config=os.environ["LLMX_H100_TARGET_CONFIG"],
+                                           topology="1x1x1").devices
+    mesh = jax.sharding.Mesh(np.asarray(devices[:1]), ("x",))
+    B, T, H, K, Dh = 2, 512, 8, 2, 128
+    sh = NamedSharding(mesh, P())
+    q = jax.ShapeDtypeStruct((B, T, H, Dh), jnp.bfloat16, sharding=sh)
+    kv = jax.ShapeDtypeStruct((B, T, K, Dh), jnp.bfloat16, sharding=sh)
+    seg = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=sh)
+
+    def loss(q, k, v, s):
+        return jnp.sum(cudnn_attention(q, k, v, s).astype(jnp.float32))
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, seg).compile().as_text()
+    return {"cudnn_calls": hlo.count("__cudnn$fmha")}
+
+
+if __name__ == "__main__":
+    print(json.dumps({"tpu": _tpu_worker, "cuda": _cuda_worker}[sys.argv[1]]()))

@@ -1,0 +1,120 @@
+"""Attention kernels agree with a plain reference: xla here, splash in Pallas interpret mode here and
+for real in an AOT compile for TPU, cuDNN in an AOT compile for H100 (no GPU needed). The TPU worker
+also compiles the train step with `mesh.offload_optimizer` and checks the state rests in host memory.
+
+AOT compiles run in a subprocess (`python tests/aot_attention_worker.py <target>`) with LLMX_AOT_PYTHON,
+like tests/test_pallas_aot.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+AOT_PYTHON = os.environ.get("LLMX_AOT_PYTHON", sys.executable)
+TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+
+
+def reference_attention(q, k, v, segment_ids):
+    """The textbook form in fp32: repeat KV heads, mask, softmax. q (B, T, H, Dh), k, v (B, S, K, Dh)."""
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    G = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    T = q.shape[1]
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & jnp.tril(jnp.ones((T, T), bool))
+    scores = jnp.where(mask[:, None], scores, -1e30)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+
+
+def inputs(dtype, *, B=2, T=32, H=4, K=2, Dh=16, seed=0):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(B, T, H, Dh)), dtype)
+    k = jnp.asarray(rng.normal(size=(B, T, K, Dh)), dtype)
+    v = jnp.asarray(rng.normal(size=(B, T, K, Dh)), dtype)
+    # Packed documents: row 0 holds three, row 1 one.
+    segments = jnp.asarray([[1] * (T // 4) + [2] * (T // 2) + [3] * (T - T // 4 - T // 2), [1] * T], jnp.int32)
+    return q, k, v, segments
+
+
+def check_forward_and_grads(fn, dtype, *, T=32):
+    q, k, v, seg = inputs(dtype, T=T)
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v, seg).astype(jnp.float32) * jnp.cos(jnp.arange(16.0)))  # noqa: E731
+    out, ref = fn(q, k, v, seg), reference_attention(q, k, v, seg)
+    assert out.shape == q.shape and out.dtype == dtype
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=tol, rtol=tol)
+    grads = jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v)
+    ref_grads = jax.grad(loss(reference_attention), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(g, np.float32), r, atol=5 * tol, rtol=5 * tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_xla_attention_matches_reference(dtype):
+    from llmx.attention import xla_attention
+
+    check_forward_and_grads(jax.jit(xla_attention), dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_splash_attention_in_interpret_mode_matches_reference(dtype):
+    from llmx.attention import splash_attention
+
+    # The kernel's blocks are multiples of 128 lanes.
+    check_forward_and_grads(jax.jit(lambda q, k, v, s: splash_attention(q, k, v, s, interpret=True)), dtype, T=128)
+
+
+def test_auto_picks_xla_on_cpu_and_cudnn_needs_low_precision():
+    from llmx.attention import resolve
+    from llmx.errors import ConfigError
+
+    assert resolve("auto", jnp.bfloat16) == "xla"
+    with pytest.raises(ConfigError, match="cudnn"):
+        resolve("cudnn", jnp.float32)
+
+
+# ---------------------------------------------------------------- AOT for real targets
+
+
+def needs_extra(module: str, extra: str):
+    probe = ("import importlib.util, sys\ntry:\n    found = importlib.util.find_spec(sys.argv[1]) is not None\n"
+             "except ModuleNotFoundError:\n    found = False\nsys.exit(0 if found else 1)")
+    if subprocess.run([AOT_PYTHON, "-c", probe, module], capture_output=True).returncode:
+        pytest.skip(f"{module} is not installed for {AOT_PYTHON}: pip install -e '.[{extra}]' or set LLMX_AOT_PYTHON")
+
+
+def run_worker(*args: str) -> dict:
+    from test_pallas_aot import H100_TARGET_CONFIG
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), LLMX_H100_TARGET_CONFIG=H100_TARGET_CONFIG)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([AOT_PYTHON, str(REPO / "tests" / "aot_attention_worker.py"), *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and lines, f"AOT worker {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(lines[-1])
+
+
+@pytest.mark.aot_tpu
+def test_aot_tpu_splash_train_step_and_optimizer_offload():
+    needs_extra("libtpu", "tpu")
+    report = run_worker("tpu")
+    assert report["splash_kernel_calls"] > 0, "no Mosaic splash kernel in the compiled TPU train step"
+    assert report["opt_state_memory_kinds"] == ["pinned_host"]
+    assert report["host_offload_in_hlo"], "the compiled step does not move the optimizer state from host memory"
+    assert report["host_bytes"] > 0
+
+
+@pytest.mark.aot_gpu
+def test_aot_h100_cudnn_attention():
+    needs_extra("jax_plugins.xla_cuda12", "gpu")
+    needs_extra("nvidia.cudnn", "gpu")  # jax checks the cuDNN version while tracing, even for AOT
+    report = run_worker("cuda")
+    assert report["cudnn_calls"] > 0, "no cuDNN fused attention in the compiled H100 step"

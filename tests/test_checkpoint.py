@@ -1,0 +1,263 @@
+"""Checkpoints you can trust: exact resume after kill -9, preemption, a crash mid-save, a full disk,
+restoring onto another mesh, incompatible or corrupt checkpoints, and non-finite losses."""
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import CACHE, PYTHON, REPO
+from helpers import SMALL, read_metrics, small_config, step_losses
+from llmx.cli import run as run_cli
+from llmx.errors import CheckpointError, TrainingError
+from llmx.train import main as train_main
+from llmx.train import train
+
+# Runs `python -m llmx.train` with test hooks: a pause per step (so a kill lands mid-run) and a save
+# that blocks just before Orbax's final rename (so a kill lands mid-save).
+LAUNCHER = """
+import os, sys, time
+import llmx.train as train_lib
+from llmx.cli import run
+
+pause = float(os.environ.get("TEST_STEP_PAUSE", "0"))
+to_global = train_lib.to_global
+def paused_to_global(local, shardings, leading):
+    if leading:
+        time.sleep(pause)
+    return to_global(local, shardings, leading)
+train_lib.to_global = paused_to_global
+
+block = os.environ.get("TEST_BLOCK_SAVE_OF_STEP")
+if block:
+    from orbax.checkpoint._src.path import atomicity
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+    async def blocked_finalize(self, *args, **kwargs):
+        if self.get_final().name == block:
+            (self.get_final().parent.parent / "save_blocked").write_text(str(self.get()))
+            time.sleep(3600)
+        return await finalize(self, *args, **kwargs)
+    atomicity.AtomicRenameTemporaryPath.finalize = blocked_finalize
+
+raise SystemExit(run(lambda: train_lib.main(sys.argv[1:])))
+"""
+
+
+def launch(tmp_path, env, run_dir, data_dir, *overrides, pause=0.05, block_save_of_step=None):
+    launcher = tmp_path / "launch_train.py"
+    launcher.write_text(LAUNCHER)
+    env = {**env, "TEST_STEP_PAUSE": str(pause)}
+    if block_save_of_step is not None:
+        env["TEST_BLOCK_SAVE_OF_STEP"] = str(block_save_of_step)
+    args = [PYTHON, str(launcher), *SMALL, f"train.run_dir={run_dir}", f"data.cache_dir={data_dir}", *overrides]
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for(proc, condition, what: str, timeout: float = 240):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"training exited before {what}: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.02)
+
+
+def last_step(run_dir) -> int:
+    path = run_dir / "metrics.jsonl"
+    return max(step_losses(run_dir), default=0) if path.exists() and path.read_text().endswith("\n") else 0
+
+
+def checkpoint_steps(run_dir) -> list[int]:
+    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def assert_trees_equal(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b) and leaves_a
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+EXACT = ["optim.schedule=constant", "train.steps=24", "checkpoint.every=3", "checkpoint.keep=2",
+         "checkpoint.keep_every=6", f"train.compilation_cache_dir={CACHE / 'jax'}"]
+
+
+def test_kill_9_at_a_random_step_then_rerun_is_bitwise_identical(tmp_path, subprocess_env, data_dir):
+    kill_at = random.Random().randint(4, 18)
+    killed_dir = tmp_path / "killed" / "run"
+    proc = launch(tmp_path, subprocess_env, killed_dir, data_dir, *EXACT)
+    try:
+        wait_for(proc, lambda: last_step(killed_dir) >= kill_at, f"step {kill_at}")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_after = last_step(killed_dir)
+    assert killed_after < 24, "the run finished before it was killed"
+
+    rerun = train(small_config(tmp_path / "killed", data_dir, *EXACT))
+    full = train(small_config(tmp_path / "full", data_dir, *EXACT))
+    start = rerun["start_step"]
+    assert 3 <= start <= killed_after and start % 3 == 0, (kill_at, killed_after, start)
+    assert rerun["losses"] == {s: full["losses"][s] for s in range(start + 1, 25)}  # bitwise, not approx
+    assert_trees_equal(rerun["params"], full["params"])
+    # keep=2 newest, and every multiple of keep_every=6 forever.
+    assert checkpoint_steps(tmp_path / "full" / "run") == [6, 12, 18, 21, 24]
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_0(tmp_path, subprocess_env, data_dir):
+    run_dir = tmp_path / "run"
+    proc = launch(tmp_path, subprocess_env, run_dir, data_dir, "train.steps=500", "checkpoint.every=0")
+    try:
+        wait_for(proc, lambda: last_step(run_dir) >= 3, "step 3")
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "SIGTERM received" in stderr
+    assert checkpoint_steps(run_dir) == [last_step(run_dir)]
+
+
+def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, subprocess_env, data_dir):
+    run_dir = tmp_path / "run"
+    overrides = ["train.steps=8", "checkpoint.every=2", "checkpoint.keep=1"]
+    proc = launch(tmp_path, subprocess_env, run_dir, data_dir, *overrides, pause=0, block_save_of_step=4)
+    try:
+        wait_for(proc, (run_dir / "save_blocked").exists, "blocked save of step 4")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    leftovers = [p.name for p in (run_dir / "checkpoints").iterdir()]
+    assert checkpoint_steps(run_dir) == [2]
+    assert any(name.startswith("4.orbax-checkpoint-tmp") for name in leftovers), leftovers
+
+    rerun = train(small_config(tmp_path, data_dir, *overrides))
+    assert rerun["start_step"] == 2 and max(rerun["losses"]) == 8
+    names = [p.name for p in (run_dir / "checkpoints").iterdir()]
+    assert not any("tmp" in name for name in names), names  # the half-written save is cleaned up
+
+
+def test_restore_onto_other_meshes_gives_the_same_next_step_loss(tmp_path, data_dir):
+    """A checkpoint of mesh.data=8 continues on fsdp=4 x tensor=2 (ZeRO-3) and on 1 device."""
+    common = ["optim.schedule=constant", "checkpoint.every=0"]
+    layouts = {
+        "data8": ["mesh.data=8", "train.micro_batch_size=1"],
+        "fsdp4_tensor2": ["mesh.fsdp=4", "mesh.tensor=2", "mesh.zero_stage=3", "train.micro_batch_size=2"],
+        "one_device": ["train.micro_batch_size=8"],
+    }
+    source = tmp_path / "data8"
+    written = train(small_config(source, data_dir, *common, *layouts["data8"], "train.steps=2"))
+    step_2 = source / "run" / "checkpoints" / "2"
+    next_loss = {"data8": train(small_config(source, data_dir, *common, *layouts["data8"], "train.steps=3"))["losses"]}
+    for name in ("fsdp4_tensor2", "one_device"):
+        devices = jax.devices()[:1] if name == "one_device" else None
+        cfg = small_config(tmp_path / name, data_dir, *common, *layouts[name], "train.steps=3",
+                           f"checkpoint.restore_from={step_2}")
+        summary = train(cfg, devices=devices)
+        assert summary["start_step"] == 2
+        next_loss[name] = summary["losses"]
+    assert next_loss["data8"].keys() == next_loss["one_device"].keys() == next_loss["fsdp4_tensor2"].keys() == {3}
+    np.testing.assert_allclose(next_loss["fsdp4_tensor2"][3], next_loss["data8"][3], rtol=1e-5)
+    np.testing.assert_allclose(next_loss["one_device"][3], next_loss["data8"][3], rtol=1e-5)
+
+    # restore_mode=weights: step 0, a fresh optimizer and data order; with lr 0 the weights stay as saved.
+    source_steps = checkpoint_steps(source / "run")
+    weights = train(small_config(tmp_path / "weights", data_dir, *common, "train.steps=1", "optim.lr=0",
+                                 f"checkpoint.restore_from={step_2}", "checkpoint.restore_mode=weights"),
+                    devices=jax.devices()[:1])
+    assert weights["start_step"] == 0
+    assert_trees_equal(weights["params"], written["params"])
+    assert checkpoint_steps(source / "run") == source_steps == [2, 3]  # the source is only read
+
+
+def files_of(directory) -> dict:
+    return {p: p.stat().st_size for p in directory.rglob("*") if p.is_file()}
+
+
+def run_main(args: list[str], capsys) -> tuple[int, list[str]]:
+    status = run_cli(lambda: train_main(args))
+    return status, [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+
+
+def test_incompatible_or_truncated_checkpoint_is_one_line_exit_2_and_nothing_deleted(tmp_path, data_dir, capsys):
+    args = [*SMALL, f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={data_dir}", "checkpoint.every=0"]
+    assert run_main([*args, "train.steps=2"], capsys)[0] == 0
+    checkpoints = tmp_path / "run" / "checkpoints"
+    before = files_of(checkpoints)
+
+    status, errors = run_main([*args, "train.steps=3", "model.d_ff=48"], capsys)
+    assert status == 2 and len(errors) == 1, errors
+    assert "checkpoints/2: parameter blocks/mlp/w_down has shape (2,64,32) in the checkpoint but (2,48,32)" in errors[0]
+    assert files_of(checkpoints) == before
+
+    data_files = sorted((checkpoints / "2" / "state").rglob("d/*"), key=lambda p: -p.stat().st_size)
+    truncated = data_files[0]
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    before = files_of(checkpoints)
+    status, errors = run_main([*args, "train.steps=3"], capsys)
+    assert status == 2 and len(errors) == 1, errors
+    assert "checkpoints/2: cannot read the checkpoint" in errors[0] and "nothing was deleted" in errors[0]
+    assert files_of(checkpoints) == before
+
+
+def test_a_full_disk_during_a_save_is_an_error_and_the_previous_checkpoint_survives(tmp_path, data_dir, monkeypatch):
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+    save_fn = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+
+    async def disk_full_at_step_4(self, item, directory):
+        if directory.parent.name.startswith("4."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "metadata"))
+        return await save_fn(self, item, directory)
+
+    overrides = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=1", "optim.schedule=constant"]
+    monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", disk_full_at_step_4)
+    with pytest.raises(CheckpointError, match=r"checkpoints/4: saving failed \(\[Errno 28\] No space left") as e:
+        train(small_config(tmp_path, data_dir, *overrides))
+    assert "checkpoints/2 is intact" in str(e.value)
+    assert checkpoint_steps(tmp_path / "run") == [2]
+    monkeypatch.undo()
+    assert train(small_config(tmp_path, data_dir, *overrides))["start_step"] == 2
+
+
+def poison_train_batch(monkeypatch, number: int, vocab_size: int):
+    """The `number`-th training batch gets a token id past the vocabulary: its embedding is NaN."""
+    import llmx.train as train_lib
+
+    to_global, calls = train_lib.to_global, []
+
+    def poisoned(local, shardings, leading):
+        if leading:
+            calls.append(1)
+            if len(calls) == number:
+                local = {**local, "inputs": local["inputs"].copy()}
+                local["inputs"][0, 0] = vocab_size
+        return to_global(local, shardings, leading)
+
+    monkeypatch.setattr(train_lib, "to_global", poisoned)
+
+
+def test_on_nan_skip_leaves_the_state_unchanged_and_counts(tmp_path, data_dir, monkeypatch):
+    common = ["optim.schedule=constant", "checkpoint.every=0"]
+    clean = train(small_config(tmp_path / "clean", data_dir, *common, "train.steps=2"))
+    poison_train_batch(monkeypatch, 3, vocab_size=384)
+    skipped = train(small_config(tmp_path / "skip", data_dir, *common, "train.steps=3", "train.on_nan=skip"))
+    assert np.isnan(skipped["losses"][3]) and skipped["skipped_steps"] == 1
+    assert_trees_equal(skipped["params"], clean["params"])
+    assert [m["skipped_steps"] for m in read_metrics(tmp_path / "skip" / "run") if "loss" in m] == [0, 0, 1]
+
+
+def test_on_nan_stop_names_the_step_and_saves_nothing_new(tmp_path, data_dir, monkeypatch):
+    poison_train_batch(monkeypatch, 3, vocab_size=384)
+    cfg = small_config(tmp_path, data_dir, "train.steps=4", "checkpoint.every=2", "train.on_nan=stop")
+    with pytest.raises(TrainingError, match=r"^step 3: loss nan") as e:
+        train(cfg)
+    assert "\n" not in str(e.value)
+    assert checkpoint_steps(tmp_path / "run") == [2]

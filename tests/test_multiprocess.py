@@ -1,0 +1,113 @@
+"""Several jax.distributed processes on one machine (gloo CPU collectives), launched by llmx.launch."""
+
+import os
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import PYTHON, REPO
+from helpers import SMALL, step_losses
+from llmx import config as config_lib
+from llmx.train import train
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+COMMON = [*SMALL, "optim.schedule=constant", "train.micro_batch_size=2", "mesh.data=1", "mesh.fsdp=8"]
+
+
+def launch(args, env, *, processes=2, timeout=600):
+    return subprocess.run(
+        [PYTHON, "-m", "llmx.launch", "--num-processes", str(processes), "--devices-per-process", str(8 // processes),
+         "--", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def one_process(overrides, run_dir, data_dir):
+    cfg = config_lib.load(None, [*overrides, f"train.run_dir={run_dir}", f"data.cache_dir={data_dir}"])
+    return train(cfg)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_two_processes_train_like_one(stage, tmp_path, data_dir, subprocess_env):
+    overrides = [*COMMON, "train.steps=10", f"mesh.zero_stage={stage}"]
+    proc = launch([*overrides, f"train.run_dir={tmp_path / 'two'}", f"data.cache_dir={data_dir}"], subprocess_env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "[p1]" in proc.stdout or "[p0]" in proc.stdout
+    reference = one_process(overrides, tmp_path / "one", data_dir)["losses"]
+    two = step_losses(tmp_path / "two")
+    assert sorted(two) == list(range(1, 11))
+    np.testing.assert_allclose([two[s] for s in sorted(two)], [reference[s] for s in sorted(reference)], rtol=1e-5)
+
+
+def test_checkpoints_move_between_process_counts(tmp_path, data_dir, subprocess_env):
+    reference = one_process([*COMMON, "train.steps=8", "mesh.zero_stage=3"], tmp_path / "ref", data_dir)["losses"]
+    # 2 processes write step 4, 1 process resumes to 6; then 2 processes resume to 8.
+    run = tmp_path / "moving"
+    args = [*COMMON, "mesh.zero_stage=3", f"train.run_dir={run}", f"data.cache_dir={data_dir}"]
+    first = launch([*args, "train.steps=4"], subprocess_env)
+    assert first.returncode == 0, first.stdout[-3000:]
+    middle = one_process([*COMMON, "mesh.zero_stage=3", "train.steps=6"], run, data_dir)
+    assert middle["start_step"] == 4
+    last = launch([*args, "train.steps=8"], subprocess_env)
+    assert last.returncode == 0, last.stdout[-3000:]
+    losses = step_losses(run)
+    np.testing.assert_allclose([losses[s] for s in range(1, 9)], [reference[s] for s in range(1, 9)], rtol=1e-5)
+
+
+def _alive(pids):
+    return [pid for pid in pids if os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]]
+
+
+def test_killing_one_process_stops_the_launch(tmp_path, data_dir, subprocess_env):
+    args = [*COMMON, "train.steps=100000", f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={data_dir}"]
+    launcher = subprocess.Popen(
+        [PYTHON, "-m", "llmx.launch", "--num-processes", "2", "--devices-per-process", "4", "--", *args],
+        cwd=REPO, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    children = []
+    deadline = time.time() + 240
+    while len(children) < 2:
+        assert time.time() < deadline and launcher.poll() is None
+        out = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+        children = [int(p) for p in out]
+        time.sleep(0.2)
+    while not (tmp_path / "run" / "metrics.jsonl").exists():  # both are training
+        assert time.time() < deadline and launcher.poll() is None
+        time.sleep(0.2)
+    victim = children[1]
+    os.kill(victim, signal.SIGKILL)
+    t0 = time.time()
+    _, stderr = launcher.communicate(timeout=60)
+    assert time.time() - t0 < 60
+    assert launcher.returncode != 0
+    assert "process 1 exited with status -9" in stderr or "process 0 exited" in stderr, stderr
+    time.sleep(0.5)
+    assert not _alive(children)
+
+
+def test_a_missing_peer_is_an_error_after_the_timeout(tmp_path, data_dir, subprocess_env):
+    env = dict(subprocess_env, LLMX_COORDINATOR="127.0.0.1:1", LLMX_NUM_PROCESSES="2", LLMX_PROCESS_ID="1",
+               LLMX_INIT_TIMEOUT="5", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    t0 = time.time()
+    proc = subprocess.run([PYTHON, "-m", "llmx.train", *COMMON, f"train.run_dir={tmp_path / 'r'}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and time.time() - t0 < 90
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error: process 1 could not join 2 processes at coordinator 127.0.0.1:1 within 5 s"), proc.stderr[-2000:]
+
+
+def test_process_0_without_its_peer_is_an_error_after_the_timeout(tmp_path, subprocess_env):
+    from llmx.launch import free_port
+
+    env = dict(subprocess_env, LLMX_COORDINATOR=f"127.0.0.1:{free_port()}", LLMX_NUM_PROCESSES="2",
+               LLMX_PROCESS_ID="0", LLMX_INIT_TIMEOUT="5", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run([PYTHON, "-m", "llmx.train", *COMMON, f"train.run_dir={tmp_path / 'r'}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert "process 0 waited 5 s" in last and "missing: 1" in last, proc.stderr[-2000:]
