@@ -165,6 +165,7 @@ class TrainConfig:
     sample_prompt: str = _field("def ", help="prompt of the end-of-run sample")
     progress: bool = _field(True, help="show a progress bar")
     plot: bool = _field(False, help="write metrics.png (loss, eval loss, lr, tokens/s, MFU) at the end")
+    profile_steps: tuple = _field((), help="[start, end]: write a jax.profiler trace of these steps to run_dir/profile")
     compilation_cache_dir: str = _field(
         "~/.cache/llmx/jax", help="JAX persistent compilation cache ('' disables)"
     )
@@ -252,6 +253,12 @@ def _check_value(section: str, field: dataclasses.Field, value: Any) -> Any:
             value = float(value)  # YAML 1.1 reads "1e-3" as a string
         except ValueError:
             pass
+    if tp is tuple:  # a pair of step numbers, [start, end]
+        if not (isinstance(value, (list, tuple)) and (len(value) == 0 or (
+                len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+                and value[0] <= value[1]))):
+            raise ConfigError(f"{key}={value!r} must be [start, end] with 1 <= start <= end, or [] for none")
+        return tuple(value)
     ok = {
         int: isinstance(value, int) and not isinstance(value, bool),
         float: isinstance(value, (int, float)) and not isinstance(value, bool),

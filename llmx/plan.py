@@ -20,9 +20,11 @@ import numpy as np
 
 from llmx import config as config_lib
 from llmx import mesh as mesh_lib
+from llmx import targets
 from llmx.checkpoint import abstract_with_shardings
 from llmx.cli import run as run_cli
 from llmx.config import Config
+from llmx.flops import flops_per_token
 from llmx.step import Steps, abstract_batch, build_steps
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
@@ -112,22 +114,38 @@ def _cost(compiled) -> dict:
     return cost or {}
 
 
-def plan(cfg: Config, *, devices=None) -> dict:
-    """The plan as a JSON-ready dict (bytes are per device)."""
-    mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+def _roofline(*, model_flops: float, memory_bytes: float, chip) -> dict:
+    """A lower bound on step time: the slower of the chip's peak FLOP/s and its HBM bandwidth
+    (collectives and overheads are not modelled), and the MFU it implies."""
+    if chip is None:
+        return {}
+    seconds = max(model_flops / chip.peak_bf16_flops, memory_bytes / chip.hbm_bytes_per_second)
+    return {"estimated_step_seconds": seconds, "estimated_mfu": model_flops / (seconds * chip.peak_bf16_flops)}
+
+
+def plan(cfg: Config, *, target: str = "current", devices=None) -> dict:
+    """The plan as a JSON-ready dict (bytes and FLOPs are per device)."""
+    resolved = targets.resolve(target)
+    mesh = mesh_lib.make_mesh(cfg.mesh, devices if devices is not None else resolved.devices)
     steps = build_steps(cfg, mesh)
     memory = state_memory(cfg, steps)
     compiled = compile_train_step(cfg, steps)
     analysis = compiled.memory_analysis()
     cost = _cost(compiled)
-    tokens = cfg.train.grad_accum_steps * cfg.train.micro_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
-    return {
+    sequences = cfg.train.grad_accum_steps * cfg.train.micro_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
+    tokens = sequences * cfg.model.seq_len
+    model_flops = flops_per_token(cfg.model) * tokens / mesh.size
+    peak_bytes = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+                  + analysis.temp_size_in_bytes)
+    result = {
+        "target": target,
         "mesh": dict(mesh.shape),
         "zero_stage": cfg.mesh.zero_stage,
         "devices": mesh.size,
         "platform": mesh.devices.flat[0].platform,
+        "device_kind": resolved.chip.name if resolved.chip else mesh.devices.flat[0].device_kind,
         "parameters": memory.n_params,
-        "tokens_per_step": tokens * cfg.model.seq_len,
+        "tokens_per_step": tokens,
         "state_bytes": {
             "params": memory.params,
             "grads": memory.grads,
@@ -145,12 +163,17 @@ def plan(cfg: Config, *, devices=None) -> dict:
             "outputs": analysis.output_size_in_bytes,
             "aliased": analysis.alias_size_in_bytes,
             "temporaries": analysis.temp_size_in_bytes,
-            "peak_estimate": analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-            - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes,
+            "peak_estimate": peak_bytes,
         },
-        "flops_per_step_per_device": cost.get("flops"),
+        "model_flops_per_step_per_device": model_flops,
+        "xla_flops_per_step_per_device": cost.get("flops"),
         "collectives": collective_counts(compiled.as_text()),
     }
+    if resolved.chip is not None:
+        hbm = resolved.chip.hbm_bytes
+        result["memory"] = {"hbm_bytes": hbm, "fits": peak_bytes <= hbm, "shortfall_bytes": max(0, peak_bytes - hbm)}
+        result.update(_roofline(model_flops=model_flops, memory_bytes=peak_bytes, chip=resolved.chip))
+    return result
 
 
 def _mb(n) -> str:
@@ -160,7 +183,7 @@ def _mb(n) -> str:
 def format_plan(p: dict) -> str:
     mesh = " ".join(f"{k}={v}" for k, v in p["mesh"].items())
     lines = [
-        f"mesh {mesh}  zero_stage={p['zero_stage']}  ({p['devices']} x {p['platform']})",
+        f"target {p['target']}: mesh {mesh}  zero_stage={p['zero_stage']}  ({p['devices']} x {p['device_kind']})",
         f"parameters {p['parameters'] / 1e6:.2f}M   tokens per step {p['tokens_per_step']}",
         "",
         f"{'per-device state':<22}{'actual':>14}{'ZeRO expects':>16}",
@@ -170,8 +193,16 @@ def format_plan(p: dict) -> str:
     lines += ["", "compiled train step, per device"]
     for key, value in p["compiled_bytes"].items():
         lines.append(f"  {key:<20}{_mb(value):>14}")
-    flops = p["flops_per_step_per_device"]
-    lines += ["", f"FLOPs per step per device  {flops:.3e}" if flops else "FLOPs per step per device  n/a"]
+    if "memory" in p:
+        m = p["memory"]
+        verdict = ("fits" if m["fits"] else f"does NOT fit: short by {m['shortfall_bytes'] / 2**30:.2f} GiB")
+        lines.append(f"  {'HBM':<20}{_mb(m['hbm_bytes']):>14}   {verdict}")
+    xla = p["xla_flops_per_step_per_device"]
+    lines += ["", f"model FLOPs per step per device  {p['model_flops_per_step_per_device']:.3e}"
+              + (f"   (XLA cost analysis {xla:.3e}; it counts a scanned layer once)" if xla else "")]
+    if "estimated_step_seconds" in p:
+        lines.append(f"roofline step time >= {p['estimated_step_seconds'] * 1e3:.1f} ms, MFU <= {p['estimated_mfu']:.0%}"
+                     " (peak FLOP/s vs HBM bandwidth; collectives not modelled)")
     lines.append("collectives  " + "  ".join(f"{k} {v}" for k, v in p["collectives"].items()))
     return "\n".join(lines)
 
@@ -180,9 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmx.plan", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--target", default="current",
+                        help="current (local devices), a TPU topology (v5e:2x2, v4:2x2x1, v5p:2x2x1, v6e:2x2) "
+                        "or a GPU target (h100:1x1x8, h200:1x1x8, a100:1x1x8)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(argv)
-    result = plan(config_lib.load(args.config, args.overrides))
+    args = parser.parse_intermixed_args(argv)
+    result = plan(config_lib.load(args.config, args.overrides), target=args.target)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0
 

@@ -176,6 +176,7 @@ def train(cfg: Config, *, devices=None) -> dict:
         run_eval(0)
 
     peak = peak_flops(mesh.devices.flat)
+    profile = cfg.train.profile_steps if jax.process_index() == 0 else ()
     pending: list[tuple[int, dict]] = []
     tokens_per_step = cfg.model.seq_len * micro_rows * cfg.train.grad_accum_steps
     clock = time.perf_counter()
@@ -205,7 +206,13 @@ def train(cfg: Config, *, devices=None) -> dict:
     with _StopRequest() as stop, _close_on_error(writer, train_iter, ckpt):
         for step in range(start + 1, cfg.train.steps + 1):
             batch = to_global(next(train_iter), steps.batch_shardings, (cfg.train.grad_accum_steps,))
+            if profile and step == profile[0]:
+                jax.profiler.start_trace(str(run_dir / "profile"))
             state, metrics = steps.train(state, batch)
+            if profile and step == profile[1]:
+                jax.block_until_ready(metrics)
+                jax.profiler.stop_trace()
+                writer.message(f"profile of steps {profile[0]}-{profile[1]} written to {run_dir / 'profile'}")
             pending.append((step, metrics))
             if step == start + 1:
                 jax.block_until_ready(metrics)

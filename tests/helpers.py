@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from llmx import config as config_lib
 
@@ -44,3 +49,24 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def step_losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
+
+
+# The interpreter that AOT-compiles. The CUDA plugin prints C++ log lines on every `import jax`, so CI
+# keeps the tpu/gpu extras in an environment of their own and points LLMX_AOT_PYTHON at it.
+AOT_PYTHON = os.environ.get("LLMX_AOT_PYTHON", sys.executable)
+
+
+def needs_extra(module: str, extra: str):
+    """Skip (visibly, with -ra) only when the optional extra is absent; anything else must fail."""
+    probe = (
+        "import importlib.util, sys\n"
+        "try:\n    found = importlib.util.find_spec(sys.argv[1]) is not None\n"
+        "except ModuleNotFoundError:\n    found = False\n"  # the parent package (jax_plugins) is missing too
+        "sys.exit(0 if found else 1)"
+    )
+    found = subprocess.run([AOT_PYTHON, "-c", probe, module], capture_output=True).returncode == 0
+    if not found:
+        pytest.skip(
+            f"{module} is not installed for {AOT_PYTHON}: pip install -e '.[{extra}]' (or set LLMX_AOT_PYTHON "
+            f"to an interpreter that has it) to AOT-compile for {extra.upper()}"
+        )

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import AOT_PYTHON, needs_extra
+
 REPO = Path(__file__).resolve().parents[1]
 # topology -> compile-only devices (the v4 description lists both TensorCores of each chip).
 TPU_TOPOLOGIES = {"v5e:2x2": 4, "v4:2x2x1": 8}
@@ -36,29 +38,8 @@ AOT_SHAPES = {"embed": (1024, 512), "mlp": (512, 1536), "norm": (512,), "bias": 
 KERNEL_MARKERS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 
 
-# The interpreter that AOT-compiles. The CUDA plugin prints C++ log lines on every `import jax`, so CI
-# keeps the tpu/gpu extras in an environment of their own and points LLMX_AOT_PYTHON at it.
-AOT_PYTHON = os.environ.get("LLMX_AOT_PYTHON", sys.executable)
-
-
-def needs_extra(module: str, extra: str):
-    """Skip (visibly, with -ra) only when the optional extra is absent; anything else must fail."""
-    probe = (
-        "import importlib.util, sys\n"
-        "try:\n    found = importlib.util.find_spec(sys.argv[1]) is not None\n"
-        "except ModuleNotFoundError:\n    found = False\n"  # the parent package (jax_plugins) is missing too
-        "sys.exit(0 if found else 1)"
-    )
-    found = subprocess.run([AOT_PYTHON, "-c", probe, module], capture_output=True).returncode == 0
-    if not found:
-        pytest.skip(
-            f"{module} is not installed for {AOT_PYTHON}: pip install -e '.[{extra}]' (or set LLMX_AOT_PYTHON "
-            f"to an interpreter that has it) to AOT-compile for {extra.upper()}"
-        )
-
-
 def run_worker(*args: str) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     env.pop("XLA_FLAGS", None)  # the fake CPU devices of the test session are not wanted here
     proc = subprocess.run(
         [AOT_PYTHON, __file__, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=600

@@ -141,5 +141,5 @@ def test_plan_cli_prints_json(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
     assert out["collectives"]["all-gather"] > 0
-    assert out["compiled_bytes"]["temporaries"] > 0 and out["flops_per_step_per_device"] > 0
+    assert out["compiled_bytes"]["temporaries"] > 0 and out["model_flops_per_step_per_device"] > 0
     assert out["state_bytes"]["total"] == pytest.approx(out["zero_expected_bytes"]["total"], rel=0.05)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import small_config
+from helpers import read_metrics, small_config
 from llmx import config as config_lib
 from llmx.benchmark import synthetic_batch
 from llmx.errors import ConfigError
@@ -90,11 +90,9 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale_then_it_regrows():
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
 
 
-def test_fp16_static_scale_and_metrics_in_the_run(tmp_path, data_dir):
+def test_fp16_run_logs_the_scale_and_survives_on_nan_stop(tmp_path, data_dir):
     summary = train(small_config(tmp_path, data_dir, "train.steps=6", "train.precision=fp16",
                                  "train.initial_scale_power=30", "train.hysteresis=1", "train.on_nan=stop"))
-    from helpers import read_metrics
-
     lines = [m for m in read_metrics(tmp_path / "run") if "loss" in m]
     assert all("loss_scale" in m and "skipped_steps" in m for m in lines)
     assert lines[0]["loss_scale"] == 2.0**29  # hysteresis 1: halved at the first overflow

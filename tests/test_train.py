@@ -125,3 +125,9 @@ def test_gradient_accumulation_equals_the_large_batch():
     (loss_a, params_a), (loss_b, params_b) = results[(8, 1)], results[(2, 4)]
     np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7), params_a, params_b)
+
+
+def test_profile_steps_write_a_trace(tmp_path, data_dir):
+    train(small_config(tmp_path, data_dir, "train.steps=4", "train.profile_steps=[2,3]"))
+    traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 1000
