@@ -10,7 +10,6 @@ one line naming the array, not a TensorStore traceback; nothing is ever deleted 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -21,14 +20,10 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 from llmx.config import CheckpointConfig
+from llmx.data.pipeline import state_from_json, state_to_json
 from llmx.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-
-
-def _json_safe(tree: Any) -> Any:
-    # Grain iterator states hold tuples; JSON gives lists back, which Grain accepts.
-    return json.loads(json.dumps(tree))
 
 
 def _single_host_array_writes() -> None:
@@ -137,7 +132,7 @@ class Checkpointer:
         surfaces here or in `wait` as a CheckpointError."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(_json_safe(data_state)),
+            data=ocp.args.JsonSave(state_to_json(data_state)),
             config=ocp.args.JsonSave({"yaml": config_yaml}),
         )
         try:
@@ -203,7 +198,7 @@ class Checkpointer:
         restored = self._read(
             step, ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
         )
-        return restored.state, restored.data
+        return restored.state, state_from_json(restored.data)
 
     def restore_params(self, step: int, abstract_params) -> Any:
         """Only the parameters at `step` (the optimizer of the checkpoint may differ from ours)."""

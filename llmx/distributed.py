@@ -134,9 +134,11 @@ def gather_json(value) -> list:
 
 def global_data_state(local_state: dict) -> dict:
     """The data pipeline's global state: the union of every process's row streams (llmx.data.pipeline)."""
+    from llmx.data.pipeline import state_from_json, state_to_json
+
     rows: dict = {}
-    for state in gather_json(local_state):
-        rows.update(state.get("rows", {}))
+    for state in gather_json(state_to_json(local_state)):
+        rows.update(state_from_json(state).get("rows", {}))
     return {"rows": rows}
 
 

@@ -125,3 +125,25 @@ def batches(
     if prefetch:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
     return ds
+
+
+def state_to_json(state: Any) -> Any:
+    """A data state JSON can hold without loss: Grain compares parts of its states with tuples (e.g. an
+    empty remainder is `(-1, -1)`), and JSON would bring them back as lists, so tuples are tagged."""
+    if isinstance(state, tuple):
+        return {"__tuple__": [state_to_json(v) for v in state]}
+    if isinstance(state, list):
+        return [state_to_json(v) for v in state]
+    if isinstance(state, dict):
+        return {k: state_to_json(v) for k, v in state.items()}
+    return state
+
+
+def state_from_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__tuple__"}:
+            return tuple(state_from_json(v) for v in value["__tuple__"])
+        return {k: state_from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [state_from_json(v) for v in value]
+    return value
