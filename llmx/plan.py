@@ -102,6 +102,22 @@ def state_memory(cfg: Config, steps: Steps) -> StateMemory:
     )
 
 
+def memory_report(cfg: Config, steps: Steps, state) -> str:
+    """The start-up report: per-device bytes of each copy of the weights, measured on the live shards,
+    beside ZeRO's expectation for this stage and mesh."""
+    expected = state_memory(cfg, steps)
+    grads = abstract_with_shardings(steps.abstract_state.params, steps.grad_shardings)
+    actual = {
+        "params": sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(state.params)),
+        "grads": per_device_bytes(grads),  # gradients live only inside the step: from their shardings
+        "opt_state": sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(state.opt_state)),
+    }
+    wanted = {"params": expected.expected_params, "grads": expected.expected_grads,
+              "opt_state": expected.expected_opt_state}
+    parts = [f"{k} {actual[k] / 2**20:.2f} MiB (ZeRO-{cfg.mesh.zero_stage} expects {wanted[k] / 2**20:.2f})" for k in actual]
+    return "per-device state: " + ", ".join(parts)
+
+
 def compile_train_step(cfg: Config, steps: Steps):
     state = abstract_with_shardings(steps.abstract_state, steps.state_shardings)
     return steps.train.lower(state, abstract_batch(cfg, steps.mesh)).compile()

@@ -29,6 +29,7 @@ from llmx.evaluate import build_eval_sets, evaluate_sets
 from llmx.flops import mfu, peak_flops
 from llmx.generate import sample_text
 from llmx.metrics import MetricsWriter
+from llmx.plan import memory_report
 from llmx.plot import plot_runs
 from llmx.step import build_steps
 
@@ -139,6 +140,7 @@ def train(cfg: Config, *, devices=None) -> dict:
         dict(mesh.shape), mesh.size, jax.devices()[0].platform, n_params / 1e6,
         micro_rows * cfg.train.grad_accum_steps, cfg.model.seq_len,
     )
+    log.info(memory_report(cfg, steps, state))
     writer = MetricsWriter(run_dir, total_steps=cfg.train.steps, start_step=start, progress=cfg.train.progress)
     summary = {"start_step": start, "losses": {}, "eval_losses": {}}
 
