@@ -26,10 +26,11 @@ def read_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     return {k: (sorted(v), [v[s] for s in sorted(v)]) for k, v in by_metric.items()}
 
 
-def plot_runs(run_dirs: list[Path], out: Path) -> dict[str, dict[str, tuple[list, list]]]:
+def plot_runs(run_dirs: list[Path | str], out: Path | str) -> dict[str, dict[str, tuple[list, list]]]:
     """Writes the PNG to `out`; returns what was drawn, {panel title: {line label: (steps, values)}}."""
     import matplotlib
 
+    out = Path(out)
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
