@@ -139,21 +139,14 @@ def _roofline(*, model_flops: float, memory_bytes: float, chip) -> dict:
     return {"estimated_step_seconds": seconds, "estimated_mfu": model_flops / (seconds * chip.peak_bf16_flops)}
 
 
-def plan(cfg: Config, *, target: str = "current", devices=None) -> dict:
-    """The plan as a JSON-ready dict (bytes and FLOPs are per device)."""
-    resolved = targets.resolve(target)
-    mesh = mesh_lib.make_mesh(cfg.mesh, devices if devices is not None else resolved.devices)
-    steps = build_steps(cfg, mesh)
-    memory = state_memory(cfg, steps)
-    compiled = compile_train_step(cfg, steps)
-    analysis = compiled.memory_analysis()
-    cost = _cost(compiled)
-    sequences = cfg.train.grad_accum_steps * cfg.train.micro_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
-    tokens = sequences * cfg.model.seq_len
-    model_flops = flops_per_token(cfg.model) * tokens / mesh.size
-    peak_bytes = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
-                  + analysis.temp_size_in_bytes)
-    result = {
+def _out_of_memory(message: str) -> tuple[float, float] | None:
+    """(bytes needed, bytes available) from XLA's "Ran out of memory on HBM" compile error."""
+    m = re.search(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", message)
+    return (float(m.group(1)) * 2**30, float(m.group(2)) * 2**30) if m else None
+
+
+def _base(cfg: Config, target: str, mesh, resolved, memory: StateMemory, tokens: int, model_flops: float) -> dict:
+    return {
         "target": target,
         "mesh": dict(mesh.shape),
         "zero_stage": cfg.mesh.zero_stage,
@@ -162,18 +155,39 @@ def plan(cfg: Config, *, target: str = "current", devices=None) -> dict:
         "device_kind": resolved.chip.name if resolved.chip else mesh.devices.flat[0].device_kind,
         "parameters": memory.n_params,
         "tokens_per_step": tokens,
-        "state_bytes": {
-            "params": memory.params,
-            "grads": memory.grads,
-            "opt_state": memory.opt_state,
-            "total": memory.total,
-        },
-        "zero_expected_bytes": {
-            "params": memory.expected_params,
-            "grads": memory.expected_grads,
-            "opt_state": memory.expected_opt_state,
-            "total": memory.expected_total,
-        },
+        "state_bytes": {"params": memory.params, "grads": memory.grads, "opt_state": memory.opt_state,
+                        "total": memory.total},
+        "zero_expected_bytes": {"params": memory.expected_params, "grads": memory.expected_grads,
+                                "opt_state": memory.expected_opt_state, "total": memory.expected_total},
+        "model_flops_per_step_per_device": model_flops,
+    }
+
+
+def plan(cfg: Config, *, target: str = "current", devices=None) -> dict:
+    """The plan as a JSON-ready dict (bytes and FLOPs are per device)."""
+    resolved = targets.resolve(target)
+    mesh = mesh_lib.make_mesh(cfg.mesh, devices if devices is not None else resolved.devices)
+    steps = build_steps(cfg, mesh)
+    memory = state_memory(cfg, steps)
+    sequences = cfg.train.grad_accum_steps * cfg.train.micro_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
+    tokens = sequences * cfg.model.seq_len
+    model_flops = flops_per_token(cfg.model) * tokens / mesh.size
+    try:
+        compiled = compile_train_step(cfg, steps)
+    except jax.errors.JaxRuntimeError as e:
+        refused = _out_of_memory(str(e))
+        if refused is None or resolved.chip is None:
+            raise
+        # The TPU compiler refuses a program that cannot fit: report its numbers as the verdict.
+        return _base(cfg, target, mesh, resolved, memory, tokens, model_flops) | {
+            "memory": {"hbm_bytes": resolved.chip.hbm_bytes, "fits": False, "shortfall_bytes": refused[0] - refused[1],
+                       "compiler": f"temporaries need {refused[0] / 2**30:.2f} GiB of {refused[1] / 2**30:.2f} GiB available"},
+        }
+    analysis = compiled.memory_analysis()
+    cost = _cost(compiled)
+    peak_bytes = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+                  + analysis.temp_size_in_bytes)
+    result = _base(cfg, target, mesh, resolved, memory, tokens, model_flops) | {
         "compiled_bytes": {
             "arguments": analysis.argument_size_in_bytes,
             "outputs": analysis.output_size_in_bytes,
@@ -181,7 +195,6 @@ def plan(cfg: Config, *, target: str = "current", devices=None) -> dict:
             "temporaries": analysis.temp_size_in_bytes,
             "peak_estimate": peak_bytes,
         },
-        "model_flops_per_step_per_device": model_flops,
         "xla_flops_per_step_per_device": cost.get("flops"),
         "collectives": collective_counts(compiled.as_text()),
     }
@@ -207,19 +220,22 @@ def format_plan(p: dict) -> str:
     for key, label in (("params", "parameters"), ("grads", "gradients"), ("opt_state", "optimizer state"), ("total", "total")):
         lines.append(f"  {label:<20}{_mb(p['state_bytes'][key]):>14}{_mb(p['zero_expected_bytes'][key]):>16}")
     lines += ["", "compiled train step, per device"]
-    for key, value in p["compiled_bytes"].items():
+    for key, value in p.get("compiled_bytes", {}).items():
         lines.append(f"  {key:<20}{_mb(value):>14}")
     if "memory" in p:
         m = p["memory"]
         verdict = ("fits" if m["fits"] else f"does NOT fit: short by {m['shortfall_bytes'] / 2**30:.2f} GiB")
         lines.append(f"  {'HBM':<20}{_mb(m['hbm_bytes']):>14}   {verdict}")
-    xla = p["xla_flops_per_step_per_device"]
+        if "compiler" in m:
+            lines.append(f"  the compiler refused the step: {m['compiler']}")
+    xla = p.get("xla_flops_per_step_per_device")
     lines += ["", f"model FLOPs per step per device  {p['model_flops_per_step_per_device']:.3e}"
               + (f"   (XLA cost analysis {xla:.3e}; it counts a scanned layer once)" if xla else "")]
     if "estimated_step_seconds" in p:
         lines.append(f"roofline step time >= {p['estimated_step_seconds'] * 1e3:.1f} ms, MFU <= {p['estimated_mfu']:.0%}"
                      " (peak FLOP/s vs HBM bandwidth; collectives not modelled)")
-    lines.append("collectives  " + "  ".join(f"{k} {v}" for k, v in p["collectives"].items()))
+    if "collectives" in p:
+        lines.append("collectives  " + "  ".join(f"{k} {v}" for k, v in p["collectives"].items()))
     return "\n".join(lines)
 
 

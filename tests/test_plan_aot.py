@@ -37,11 +37,13 @@ def _common_checks(plan: dict, *, devices: int, zero_stage: int):
 def test_plan_1b_for_tpu_v5e_reports_that_it_does_not_fit():
     needs_extra("libtpu", "tpu")
     # Unsharded optimizer state (ZeRO-0): 16 bytes per parameter on every 16 GiB chip cannot fit.
+    # The TPU compiler itself refuses it (RESOURCE_EXHAUSTED); the plan reports its numbers.
     plan = run_plan(*ONE_B, "mesh.zero_stage=0", "--target", "v5e:2x2")
-    _common_checks(plan, devices=4, zero_stage=0)
+    assert 0.9e9 < plan["parameters"] < 1.1e9 and plan["devices"] == 4
+    assert plan["state_bytes"]["total"] == pytest.approx(plan["zero_expected_bytes"]["total"], rel=0.05)
     memory = plan["memory"]
-    assert memory["hbm_bytes"] == 16 * 2**30 and not memory["fits"]
-    assert memory["shortfall_bytes"] == plan["compiled_bytes"]["peak_estimate"] - memory["hbm_bytes"] > 0
+    assert memory["hbm_bytes"] == 16 * 2**30 and not memory["fits"] and memory["shortfall_bytes"] > 0
+    assert "temporaries need" in memory["compiler"]
 
 
 @pytest.mark.aot_gpu
