@@ -17,6 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llmx import hugepages  # noqa: E402
+
+hugepages.reexec()  # before jax: huge pages for XLA:CPU's buffers, as `python -m llmx.train` has them
+
 import jax  # noqa: E402
 
 from llmx import config as config_lib  # noqa: E402
