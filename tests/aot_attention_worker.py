@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import sys
 
 import jax
@@ -57,7 +58,8 @@ def _cuda_worker() -> dict:
         return jnp.sum(cudnn_attention(q, k, v, s).astype(jnp.float32))
 
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, seg).compile().as_text()
-    return {"cudnn_calls": hlo.count("__cudnn$fmha")}
+    targets = re.findall(r'custom_call_target="(__cudnn\$fmha[^"]*)"', hlo)
+    return {"cudnn_calls": len(targets), "cudnn_backward_calls": sum(t.endswith("Backward") for t in targets)}
 
 
 if __name__ == "__main__":
