@@ -5,6 +5,10 @@ Matmuls (`einsum`): operands in the compute dtype, products accumulated in fp32
 cast to the compute dtype first (otherwise XLA upcasts every backward dot to fp32 and bf16 trains
 at fp32 speed), and the operands are laid out (batch, free, contracted) x (batch, contracted, free),
 the layouts XLA:CPU sends to its AMX bf16 path (DESIGN §6). fp32 keeps plain einsums.
+On a CPU without bf16 matrix hardware (AVX2 or AVX-512 without BF16: XLA:CPU's bf16 dot runs at
+~0.6x its fp32 dot there) the bf16 dots are done as fp32 dots of the bf16-rounded operands, when the
+cached probe in llmx.flops says that is faster: the same products and fp32 sums, so the same numbers
+up to summation order, while activations, residuals and the cotangents stay bf16.
 
 Loss scaling for fp16, with DeepSpeed's knobs and meaning (Micikevicius et al. 2018, §3.2).
 
@@ -29,6 +33,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from llmx import flops
+from llmx import mesh as mesh_lib
 from llmx.config import TrainConfig
 
 
@@ -65,11 +71,47 @@ def _low_precision_bwd(spec, dtype, residuals, g):
 _low_precision_einsum.defvjp(_low_precision_fwd, _low_precision_bwd)
 
 
+def _rounded_fp32(x, dtype):
+    return x.astype(dtype).astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _upcast_einsum(spec: str, dtype, a, b):
+    return jnp.einsum(spec, _rounded_fp32(a, dtype), _rounded_fp32(b, dtype))
+
+
+def _upcast_fwd(spec, dtype, a, b):
+    return _upcast_einsum(spec, dtype, a, b), (a, b)  # residuals in their own (bf16) dtypes
+
+
+def _upcast_bwd(spec, dtype, residuals, g):
+    a, b = residuals
+    inputs, out = spec.split("->")
+    spec_a, spec_b = inputs.split(",")
+    g = _rounded_fp32(g, dtype)  # the cotangent rounded as the native path rounds it
+    grad_a = jnp.einsum(f"{out},{spec_b}->{spec_a}", g, _rounded_fp32(b, dtype))
+    grad_b = jnp.einsum(f"{spec_a},{out}->{spec_b}", _rounded_fp32(a, dtype), g)
+    return grad_a.astype(a.dtype), grad_b.astype(b.dtype)
+
+
+_upcast_einsum.defvjp(_upcast_fwd, _upcast_bwd)
+
+
+def upcast_bf16_dots_here() -> bool:
+    """Whether the bf16 dots being traced run on a CPU where fp32 dots of upcast operands are faster
+    (the platform of the mesh being traced for, so an AOT compile for a TPU or GPU keeps bf16 dots)."""
+    mesh = mesh_lib.active_mesh()
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    return platform == "cpu" and flops.cpu_bf16_dots_upcast()
+
+
 def einsum(spec: str, x, w):
     """x (compute dtype) times w (cast to x's dtype, e.g. an fp32 master weight) -> fp32. Every index
     of w must be in x or the output; the weight gradient comes back in w's dtype."""
     if x.dtype == jnp.float32:
         return jnp.einsum(spec, x, w.astype(jnp.float32), preferred_element_type=jnp.float32)
+    if x.dtype == jnp.bfloat16 and upcast_bf16_dots_here():
+        return _upcast_einsum(spec, x.dtype, x, w)
     return _low_precision_einsum(spec, x.dtype, x, w)
 
 
