@@ -55,8 +55,9 @@ class ModelConfig:
     scan_layers: bool = _field(True, help="lax.scan over stacked layers (compile time flat in depth) or unroll")
     remat: str = _field(
         "none",
-        choices=("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
-        help="activation checkpointing policy applied per layer",
+        choices=("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload"),
+        help="activation checkpointing per layer: save nothing (full), every matmul output, the weight "
+        "projections' outputs, or those moved to host memory (offload; TPU/GPU, in place on CPU)",
     )
 
     @property

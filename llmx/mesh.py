@@ -125,6 +125,13 @@ def active_mesh() -> Mesh | None:
     return _ACTIVE_MESH.get()
 
 
+def traced_platform() -> str:
+    """The platform being traced for: the enclosing `activation_sharding` mesh's (an AOT compile for
+    a TPU or GPU target traces on a CPU host), else the default backend's."""
+    mesh = _ACTIVE_MESH.get()
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 def constrain(x, logical_axes):
     """`with_sharding_constraint` by logical axis names; a no-op outside `activation_sharding`."""
     mesh = _ACTIVE_MESH.get()

@@ -22,8 +22,8 @@ from flax import nnx
 from llmx import attention as attention_lib
 from llmx.attention import attention_mask, masked_attention
 from llmx.config import ModelConfig
-from llmx.mesh import constrain
-from llmx.precision import einsum
+from llmx.mesh import constrain, traced_platform
+from llmx.precision import DOT, PROJECTION, einsum
 
 __all__ = ["KVCache", "Llama", "attention_mask", "compute_dtype"]
 
@@ -31,10 +31,20 @@ __all__ = ["KVCache", "Llama", "attention_mask", "compute_dtype"]
 # not eagerly at creation, so building a model never needs a mesh.
 nnx.use_eager_sharding(False)
 
+# model.remat -> the policy applied to each layer, by the names llmx.precision.einsum gives every matmul's
+# output (jax's dots_saveable policies would miss the bf16 matmuls, which sit inside custom VJPs).
+_policies = jax.checkpoint_policies
 REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": lambda platform: _policies.nothing_saveable,
+    "dots_saveable": lambda platform: _policies.save_only_these_names(DOT, PROJECTION),
+    "dots_with_no_batch_dims_saveable": lambda platform: _policies.save_only_these_names(PROJECTION),
+    # The projections' outputs go to host memory between the forward and backward pass; on CPU device
+    # memory is host memory, so they stay where they are.
+    "offload": lambda platform: _policies.save_only_these_names(PROJECTION) if platform == "cpu"
+    else _policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[PROJECTION],
+        offload_src="device", offload_dst="pinned_host",
+    ),
 }
 
 
@@ -193,7 +203,8 @@ class Llama(nnx.Module):
             return nnx.merge(graphdef, layer_state)(x, segment_ids, positions)
 
         if cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+            policy = REMAT_POLICIES[cfg.remat](traced_platform())
+            layer = jax.checkpoint(layer, policy=policy, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             x, _ = jax.lax.scan(lambda carry, s: (layer(carry, s), None), x, stacked)
             return x

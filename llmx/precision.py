@@ -32,6 +32,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from llmx import flops
 from llmx import mesh as mesh_lib
@@ -100,19 +101,32 @@ _upcast_einsum.defvjp(_upcast_fwd, _upcast_bwd)
 def upcast_bf16_dots_here() -> bool:
     """Whether the bf16 dots being traced run on a CPU where fp32 dots of upcast operands are faster
     (the platform of the mesh being traced for, so an AOT compile for a TPU or GPU keeps bf16 dots)."""
-    mesh = mesh_lib.active_mesh()
-    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-    return platform == "cpu" and flops.cpu_bf16_dots_upcast()
+    return mesh_lib.traced_platform() == "cpu" and flops.cpu_bf16_dots_upcast()
+
+
+# Names of every einsum's output, for the activation-checkpointing policies (llmx.model.REMAT_POLICIES):
+# jax's own dots_saveable policies look for dot_general primitives, which the custom VJPs above hide.
+DOT = "llmx_dot"  # a dot with batch dimensions (attention's scores and values)
+PROJECTION = "llmx_projection"  # a dot without (the weight projections)
+
+
+def _has_batch_dims(spec: str) -> bool:
+    inputs, out = spec.split("->")
+    spec_a, spec_b = inputs.split(",")
+    return any(c in spec_b and c in out for c in spec_a)
 
 
 def einsum(spec: str, x, w):
     """x (compute dtype) times w (cast to x's dtype, e.g. an fp32 master weight) -> fp32. Every index
-    of w must be in x or the output; the weight gradient comes back in w's dtype."""
+    of w must be in x or the output; the weight gradient comes back in w's dtype. The output is named
+    DOT or PROJECTION for the activation-checkpointing policies."""
     if x.dtype == jnp.float32:
-        return jnp.einsum(spec, x, w.astype(jnp.float32), preferred_element_type=jnp.float32)
-    if x.dtype == jnp.bfloat16 and upcast_bf16_dots_here():
-        return _upcast_einsum(spec, x.dtype, x, w)
-    return _low_precision_einsum(spec, x.dtype, x, w)
+        out = jnp.einsum(spec, x, w.astype(jnp.float32), preferred_element_type=jnp.float32)
+    elif x.dtype == jnp.bfloat16 and upcast_bf16_dots_here():
+        out = _upcast_einsum(spec, x.dtype, x, w)
+    else:
+        out = _low_precision_einsum(spec, x.dtype, x, w)
+    return checkpoint_name(out, DOT if _has_batch_dims(spec) else PROJECTION)
 
 
 class LossScaleState(NamedTuple):

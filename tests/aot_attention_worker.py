@@ -31,7 +31,11 @@ def _tpu_worker() -> dict:
     hlo = compiled.as_text()
     kinds = sorted({s.memory_kind for s in jax.tree.leaves(steps.state_shardings.opt_state)})
     analysis = compiled.memory_analysis()
+    # model.remat=offload: the projections' outputs leave for host memory in the forward pass.
+    offload_cfg = config_lib.load(None, [*AOT_MODEL, "model.remat=offload", "mesh.data=1", "mesh.fsdp=-1"])
+    offload_hlo = compile_train_step(offload_cfg, build_steps(offload_cfg, make_mesh(offload_cfg.mesh, devices))).as_text()
     return {
+        "remat_offload_host_buffers": offload_hlo.count("S(5)"),
         "splash_kernel_calls": hlo.count("tpu_custom_call"),
         "opt_state_memory_kinds": kinds,
         # S(5) is the host memory space in TPU HLO layouts; the step copies the state in and out.

@@ -103,6 +103,7 @@ def test_aot_tpu_splash_train_step_and_optimizer_offload():
     assert report["opt_state_memory_kinds"] == ["pinned_host"]
     assert report["host_offload_in_hlo"], "the compiled step does not move the optimizer state from host memory"
     assert report["host_bytes"] > 0
+    assert report["remat_offload_host_buffers"] > 0, "model.remat=offload moved no activation to host memory"
 
 
 @pytest.mark.aot_gpu

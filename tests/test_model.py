@@ -96,7 +96,7 @@ def _loss_and_grads(model, tokens):
 
 
 @pytest.mark.parametrize("variant", ["model.scan_layers=false", "model.remat=full", "model.remat=dots_saveable",
-                                     "model.remat=dots_with_no_batch_dims_saveable"])
+                                     "model.remat=dots_with_no_batch_dims_saveable", "model.remat=offload"])
 def test_layer_loop_and_remat_variants_match_scan(variant):
     tokens = jnp.asarray(np.random.default_rng(2).integers(3, 64, (2, 16)), jnp.int32)
     ref_loss, ref_grads = _loss_and_grads(make()[1], tokens)
@@ -122,19 +122,22 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     np.testing.assert_allclose(mha(tokens), gqa(tokens), atol=1e-5)
 
 
-def test_full_remat_lowers_the_compiled_steps_temporary_memory():
-    """Activations dominate this config (long sequences, narrow model): recomputing each layer in the
-    backward pass must shrink XLA's temporary buffers."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_remat_policies_order_the_compiled_steps_temporary_memory(precision):
+    """Activations dominate this config (long sequences, narrow model): each policy saves less than
+    the one before, in bf16 too (its matmuls sit inside custom VJPs, which jax's own dots_saveable
+    policies cannot see; llmx names them). Measured (MiB, fp32 / bf16): none 142 / 139, dots_saveable
+    88 / 87, dots_with_no_batch_dims_saveable 50 / 50, full 42 / 40."""
     from llmx.mesh import make_mesh
     from llmx.plan import compile_train_step
     from llmx.step import build_steps
 
     temp = {}
-    for policy in ("none", "dots_saveable", "full"):
+    for policy in ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", "full"):
         cfg = config_lib.load(None, ["model.vocab_size=64", "model.d_model=64", "model.n_layers=4", "model.n_heads=4",
                                      "model.d_ff=128", "model.seq_len=256", "train.micro_batch_size=8",
-                                     f"model.remat={policy}"])
+                                     f"model.remat={policy}", f"train.precision={precision}"])
         steps = build_steps(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
         temp[policy] = compile_train_step(cfg, steps).memory_analysis().temp_size_in_bytes
     assert temp["full"] < 0.6 * temp["none"], temp
-    assert temp["full"] <= temp["dots_saveable"] <= temp["none"], temp
+    assert temp["full"] < temp["dots_with_no_batch_dims_saveable"] < temp["dots_saveable"] < temp["none"], temp
