@@ -58,10 +58,13 @@ def check_forward_and_grads(fn, dtype, *, T=32):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_xla_attention_matches_reference(dtype):
-    from llmx.attention import xla_attention
+@pytest.mark.parametrize("T, blocks", [(32, 1), (256, 2), (384, 3), (512, 4)])
+def test_xla_attention_matches_reference(dtype, T, blocks):
+    """Also with the causal upper triangle skipped in 2, 3 and 4 query blocks (documents cross them)."""
+    from llmx.attention import causal_blocks, xla_attention
 
-    check_forward_and_grads(jax.jit(xla_attention), dtype)
+    assert causal_blocks(T) == blocks
+    check_forward_and_grads(jax.jit(xla_attention), dtype, T=T)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
