@@ -248,9 +248,9 @@ def import_run(hf_dir: str | Path, out: str | Path, overrides: list[str] = ()) -
     """A run directory at step 0 from a HF model: config.yaml (the HF model section, other sections
     from defaults and `overrides`) and a checkpoint in the trainer's layout, so `llmx.train` fine-tunes
     from it and `llmx.generate --run-dir` samples from it."""
-    from llmx import optim
+    from llmx import mesh as mesh_lib
     from llmx.checkpoint import Checkpointer
-    from llmx.step import TrainState
+    from llmx.step import build_steps
 
     model_cfg, model = load(hf_dir)
     raw = {"model": dataclasses.asdict(model_cfg), "train": {"run_dir": str(out)}}
@@ -259,8 +259,10 @@ def import_run(hf_dir: str | Path, out: str | Path, overrides: list[str] = ()) -
         raw.setdefault(section, {})[key] = value
     cfg = config_lib.from_dict(raw)
     params = nnx.state(model, nnx.Param)
-    tx, _ = optim.build(cfg.optim, cfg.train.steps)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    # The trainer's own state at step 0 around these weights (optimizer, fp16 loss scale and all), on
+    # one device: checkpoints restore onto any mesh.
+    steps = build_steps(cfg, mesh_lib.make_mesh(config_lib.MeshConfig(), jax.devices()[:1]))
+    state = steps.init_from_params(params)
     data_state = {}  # no data consumed yet: the trainer starts a fresh iterator from an empty state
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

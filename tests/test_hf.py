@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+
 from llmx import config as config_lib
 from llmx import hf
 from llmx.cli import run as run_cli
@@ -17,7 +18,7 @@ from llmx.errors import ConfigError
 from llmx.model import Llama
 from llmx.step import loss_sums
 
-from helpers import SMALL
+from helpers import SMALL, read_metrics
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -145,7 +146,8 @@ def test_missing_tensor_is_a_one_line_error_at_the_entry_point(hf_model, tmp_pat
 
 def test_imported_run_fine_tunes_generates_and_exports_back(hf_model, tmp_path, data_dir):
     """`llmx.hf import` writes a run the trainer resumes from step 0 (its first eval is the HF model's),
-    that generates, and that exports back to the same tensors."""
+    that generates, and that exports back to the same tensors. In fp16, so the imported state must
+    carry the loss scaler's state too."""
     from llmx.evaluate import restore_run
     from llmx.generate import generate
     from llmx.train import train
@@ -154,7 +156,8 @@ def test_imported_run_fine_tunes_generates_and_exports_back(hf_model, tmp_path, 
     run_dir = tmp_path / "run"
     run_settings = [o for o in SMALL if not o.startswith("model.")] + [f"data.cache_dir={data_dir}"]
     status = run_cli(lambda: hf.main(["import", "--hf-dir", str(single), "--out", str(run_dir), *run_settings,
-                                      "train.steps=2", "train.eval_every=1", "model.seq_len=32"]))
+                                      "train.steps=2", "train.eval_every=1", "model.seq_len=32", "train.precision=fp16",
+                                      "model.dtype=auto"]))
     assert status == 0 and (run_dir / "config.yaml").is_file()
 
     run = restore_run(run_dir=str(run_dir), single_device=True)
@@ -167,6 +170,7 @@ def test_imported_run_fine_tunes_generates_and_exports_back(hf_model, tmp_path, 
     summary = train(cfg)
     assert summary["start_step"] == 0 and summary["final_step"] == 2
     assert set(summary["eval_losses"]) == {0, 1, 2}
+    assert "loss_scale" in [m for m in read_metrics(run_dir) if "loss" in m][-1]
 
     hf.main(["export", "--run-dir", str(run_dir), "--out", str(tmp_path / "back"),
              "--checkpoint", str(run_dir / "checkpoints" / "0")])
