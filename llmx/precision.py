@@ -59,10 +59,16 @@ def _low_precision_fwd(spec, dtype, a, b):
     return _low_precision_einsum(spec, dtype, a, b), (a, b)
 
 
-def _low_precision_bwd(spec, dtype, residuals, g):
-    a, b = residuals
+def _specs(spec: str) -> tuple[str, str, str]:
+    """'ab,bc->ac' -> ('ab', 'bc', 'ac')."""
     inputs, out = spec.split("->")
     spec_a, spec_b = inputs.split(",")
+    return spec_a, spec_b, out
+
+
+def _low_precision_bwd(spec, dtype, residuals, g):
+    a, b = residuals
+    spec_a, spec_b, out = _specs(spec)
     g = g.astype(dtype)  # the cotangent in the compute dtype: bf16 x bf16 -> fp32 backward dots
     grad_a = _canonical_einsum(out, spec_b, spec_a, g, b.astype(dtype))
     grad_b = _canonical_einsum(spec_a, out, spec_b, a.astype(dtype), g)
@@ -87,8 +93,7 @@ def _upcast_fwd(spec, dtype, a, b):
 
 def _upcast_bwd(spec, dtype, residuals, g):
     a, b = residuals
-    inputs, out = spec.split("->")
-    spec_a, spec_b = inputs.split(",")
+    spec_a, spec_b, out = _specs(spec)
     g = _rounded_fp32(g, dtype)  # the cotangent rounded as the native path rounds it
     grad_a = jnp.einsum(f"{out},{spec_b}->{spec_a}", g, _rounded_fp32(b, dtype))
     grad_b = jnp.einsum(f"{spec_a},{out}->{spec_b}", _rounded_fp32(a, dtype), g)
@@ -111,8 +116,7 @@ PROJECTION = "llmx_projection"  # a dot without (the weight projections)
 
 
 def _has_batch_dims(spec: str) -> bool:
-    inputs, out = spec.split("->")
-    spec_a, spec_b = inputs.split(",")
+    spec_a, spec_b, out = _specs(spec)
     return any(c in spec_b and c in out for c in spec_a)
 
 

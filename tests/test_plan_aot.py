@@ -63,10 +63,11 @@ def test_unknown_target_and_missing_extra_are_one_line_errors(subprocess_env):
 
 
 def test_a_target_without_its_extra_names_the_extra(subprocess_env):
-    probe = subprocess.run([sys.executable, "-c", "import libtpu"], capture_output=True)
-    if probe.returncode == 0:
-        pytest.skip("this interpreter has the tpu extra; the message is for those without it")
-    proc = subprocess.run([sys.executable, "-m", "llmx.plan", "--config", "configs/tiny.yaml", "--target", "v5e:2x2"],
-                          cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=120)
+    # libtpu is made unimportable in the child, so this runs whether or not this interpreter has the extra.
+    without_libtpu = ("import runpy, sys; sys.modules['libtpu'] = None; "
+                      "sys.argv = ['llmx.plan', '--config', 'configs/tiny.yaml', '--target', 'v5e:2x2']; "
+                      "runpy.run_module('llmx.plan', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", without_libtpu], cwd=REPO, env=subprocess_env,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: --target v5e:2x2 needs the tpu extra: pip install -e '.[tpu]'"

@@ -150,6 +150,7 @@ def test_upcast_bf16_dots_equal_native_bf16_dots(monkeypatch, spec, a_shape, b_s
 
 def test_cpu_matmul_probe_is_cached_per_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(flops, "_PROBES", {})
     calls = []
 
     def fake_probe():
@@ -158,7 +159,9 @@ def test_cpu_matmul_probe_is_cached_per_cpu(tmp_path, monkeypatch):
 
     monkeypatch.setattr(flops, "measure_cpu_peak", fake_probe)
     assert flops.cpu_peak_flops() == 2e9 and flops.cpu_bf16_dots_upcast()
-    assert flops.cpu_peak_flops() == 2e9 and len(calls) == 1  # cached
+    assert flops.cpu_peak_flops() == 2e9 and len(calls) == 1  # cached in this process
+    monkeypatch.setattr(flops, "_PROBES", {})
+    assert flops.cpu_peak_flops() == 2e9 and len(calls) == 1  # and in the file, for the next one
     monkeypatch.setattr(flops, "_cpu_identity", lambda: "another CPU|avx512f amx_bf16")
     flops.cpu_peak_flops()
     assert len(calls) == 2  # a different CPU probes again
