@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmx import mesh as mesh_lib
+from llmx.batch import abstract_batch
 from llmx.config import Config
 from llmx.plan import state_memory
-from llmx.step import abstract_batch, build_steps
+from llmx.step import build_steps
 
 
 def synthetic_batch(cfg: Config, mesh, *, seed: int = 0) -> dict:

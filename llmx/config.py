@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from llmx import axes
 from llmx.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -142,11 +143,12 @@ class MeshConfig:
     )
 
     def validate(self) -> None:
-        for name in ("data", "fsdp", "tensor"):
-            if getattr(self, name) == 0:
+        sizes = axes.configured_sizes(self)
+        for name, size in sizes.items():
+            if size == 0:
                 raise ConfigError(f"mesh.{name}=0 is not a size; use a positive integer or -1 to fill")
-        if sum(getattr(self, n) == -1 for n in ("data", "fsdp", "tensor")) > 1:
-            raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+        if sum(size == -1 for size in sizes.values()) > 1:
+            raise ConfigError("at most one of " + ", ".join(f"mesh.{name}" for name in sizes) + " may be -1")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,32 +1,35 @@
-"""The device mesh and the one table that maps logical axes to mesh axes.
+"""The device mesh, the one table that maps logical axes to mesh axes, and the shardings of the
+train state it implies.
 
-Mesh axes, outermost first: `data` (pure replicas), `fsdp` (the ZeRO group), `tensor` (Megatron).
-The batch is split over (data, fsdp). The ZeRO stage decides which copies of the weights also split
-their `embed` axis over fsdp (Rajbhandari et al. 2020, ZeRO §5): stage 1 the optimizer state, stage 2
-also the gradients, stage 3 also the parameters. With data > 1 that is hybrid sharding: ZeRO inside a
-group, replicas across groups (DeepSpeed's MiCS / hpZ).
+Mesh axes come from `llmx.axes` (outermost first: `data` pure replicas, `fsdp` the ZeRO group, `tensor`
+Megatron). The batch is split over the batch axes (data, fsdp). The ZeRO stage decides which copies of
+the weights also split their `embed` axis over fsdp (Rajbhandari et al. 2020, ZeRO §5): stage 1 the
+optimizer state, stage 2 also the gradients, stage 3 also the parameters. With data > 1 that is hybrid
+sharding: ZeRO inside a group, replicas across groups (DeepSpeed's MiCS / hpZ).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import math
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from llmx import axes
 from llmx.config import MeshConfig
 from llmx.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+log = logging.getLogger(__name__)
 
 # logical axis -> mesh axes. Activations and weights share the table except for `embed`, which only
 # weights split (over fsdp, by ZeRO stage; see weight_rules): activations keep the full model width.
 RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": BATCH_AXES,
+    "batch": axes.BATCH_AXES,
     "seq": None,
     "embed": None,
     "heads": "tensor",
@@ -48,32 +51,29 @@ def weight_rules(zero_stage: int, role: str) -> dict:
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
     """Axis sizes with the -1 entry filled; a product that is not the device count is a ConfigError."""
-    sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
+    sizes = axes.configured_sizes(cfg)
     known = math.prod(v for v in sizes.values() if v != -1)
     fill = [k for k, v in sizes.items() if v == -1]
     if fill:
         if n_devices % known:
             raise ConfigError(
-                f"mesh {_fmt(sizes)} cannot fill {n_devices} devices: {known} does not divide {n_devices}"
+                f"mesh {axes.describe(sizes)} cannot fill {n_devices} devices: {known} does not divide {n_devices}"
             )
         sizes[fill[0]] = n_devices // known
     if math.prod(sizes.values()) != n_devices:
+        product = " x ".join(f"mesh.{name}" for name in sizes)
         raise ConfigError(
-            f"mesh {_fmt(sizes)} has {math.prod(sizes.values())} devices but {n_devices} are available; "
-            f"make mesh.data x mesh.fsdp x mesh.tensor = {n_devices} (or set one of them to -1)"
+            f"mesh {axes.describe(sizes)} has {math.prod(sizes.values())} devices but {n_devices} are available; "
+            f"make {product} = {n_devices} (or set one of them to -1)"
         )
     return sizes
-
-
-def _fmt(sizes: dict[str, int]) -> str:
-    return "x".join(f"{k}={v}" for k, v in sizes.items())
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(cfg, len(devices))
-    device_grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
-    return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    device_grid = np.asarray(devices).reshape([sizes[a] for a in axes.NAMES])
+    return Mesh(device_grid, axes.NAMES, axis_types=(AxisType.Auto,) * len(axes.NAMES))
 
 
 def logical_to_spec(logical_axes, shape, rules: dict, mesh: Mesh) -> P:
@@ -95,12 +95,6 @@ def logical_to_spec(logical_axes, shape, rules: dict, mesh: Mesh) -> P:
         used.update(axes)
         spec.append(axes[0] if len(axes) == 1 else axes)
     return P(*spec)
-
-
-def batch_sharding(mesh: Mesh, ndim: int, *, batch_dim: int = 0) -> NamedSharding:
-    spec = [None] * ndim
-    spec[batch_dim] = BATCH_AXES
-    return NamedSharding(mesh, P(*spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -139,3 +133,56 @@ def constrain(x, logical_axes):
         return x
     spec = logical_to_spec(logical_axes, x.shape, RULES, mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+# ---------------------------------------------------------------- the train state's shardings
+
+
+def weight_shardings(abstract_params: nnx.State, mesh: Mesh, *, zero_stage: int, role: str):
+    """NamedShardings for one copy of the weights (params, grads or opt_state moments)."""
+    rules = weight_rules(zero_stage, role)
+    logical = nnx.get_partition_spec(abstract_params)  # PartitionSpecs of logical names
+    return jax.tree.map(
+        lambda spec, leaf: NamedSharding(mesh, logical_to_spec(tuple(spec), leaf.shape, rules, mesh)),
+        logical,
+        abstract_params,
+    )
+
+
+def opt_state_shardings(abstract_opt_state, abstract_params, moment_shardings, mesh: Mesh):
+    """Every sub-tree of the optimizer state shaped like the params (moments, master weights) is
+    sharded like `moment_shardings`; everything else (step counts, scalars) is replicated."""
+    params_def = jax.tree.structure(abstract_params)
+
+    def is_params_like(node):
+        return isinstance(node, nnx.State) and jax.tree.structure(node) == params_def
+
+    return jax.tree.map(
+        lambda node: moment_shardings if is_params_like(node) else replicated(mesh),
+        abstract_opt_state,
+        is_leaf=is_params_like,
+    )
+
+
+def offloaded(opt_shardings, *, offload: bool):
+    """(optimizer-state shardings between steps, a function the step calls to bring the state into
+    device memory). With `offload` on GPU/TPU the state rests in pinned host memory (ZeRO-Offload,
+    Ren et al. 2021, keeps it on the host too); on CPU host and device memory are one, so it is a no-op."""
+    leaves = jax.tree.leaves(opt_shardings)
+    if not offload or not leaves or leaves[0].mesh.devices.flat[0].platform == "cpu":
+        if offload:
+            log.info("mesh.offload_optimizer: CPU devices already hold the optimizer state in host memory (no-op)")
+        return opt_shardings, lambda opt_state: opt_state
+    host = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
+    device = jax.tree.map(lambda s: s.with_memory_kind("device"), opt_shardings)
+    return host, lambda opt_state: jax.device_put(opt_state, device)
+
+
+def abstract_with_shardings(abstract_state, shardings):
+    """ShapeDtypeStructs carrying the target shardings: Orbax restores (and reshards) into these, and
+    ahead-of-time compiles lower against them."""
+    return jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        abstract_state,
+        shardings,
+    )

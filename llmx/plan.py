@@ -18,14 +18,15 @@ from collections import Counter
 import jax
 import numpy as np
 
+from llmx import batch as batch_lib
 from llmx import config as config_lib
 from llmx import mesh as mesh_lib
 from llmx import targets
-from llmx.checkpoint import abstract_with_shardings
 from llmx.cli import run as run_cli
 from llmx.config import Config
 from llmx.flops import flops_per_token
-from llmx.step import Steps, abstract_batch, build_steps
+from llmx.mesh import abstract_with_shardings
+from llmx.step import Steps, build_steps
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _COLLECTIVE_RE = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
@@ -120,7 +121,7 @@ def memory_report(cfg: Config, steps: Steps, state) -> str:
 
 def compile_train_step(cfg: Config, steps: Steps):
     state = abstract_with_shardings(steps.abstract_state, steps.state_shardings)
-    return steps.train.lower(state, abstract_batch(cfg, steps.mesh)).compile()
+    return steps.train.lower(state, batch_lib.abstract_batch(cfg, steps.mesh)).compile()
 
 
 def _cost(compiled) -> dict:
@@ -169,8 +170,7 @@ def plan(cfg: Config, *, target: str = "current", devices=None) -> dict:
     mesh = mesh_lib.make_mesh(cfg.mesh, devices if devices is not None else resolved.devices)
     steps = build_steps(cfg, mesh)
     memory = state_memory(cfg, steps)
-    sequences = cfg.train.grad_accum_steps * cfg.train.micro_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
-    tokens = sequences * cfg.model.seq_len
+    tokens = batch_lib.tokens_per_step(cfg, mesh)
     model_flops = flops_per_token(cfg.model) * tokens / mesh.size
     try:
         compiled = compile_train_step(cfg, steps)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 from typing import Any, Callable
 
 import flax.struct
@@ -17,16 +16,14 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
+from llmx import batch as batch_lib
 from llmx import mesh as mesh_lib
 from llmx import optim
 from llmx.config import Config
-from llmx.data.pipeline import BATCH_KEYS
 from llmx.model import Llama
 from llmx.precision import LossScaler, loss_scaler
-
-log = logging.getLogger("llmx")
 
 
 @flax.struct.dataclass
@@ -130,54 +127,14 @@ class Steps:
     eval_batch_shardings: dict
 
 
-def weight_shardings(abstract_params: nnx.State, mesh: Mesh, *, zero_stage: int, role: str):
-    """NamedShardings for one copy of the weights (params, grads or opt_state moments)."""
-    rules = mesh_lib.weight_rules(zero_stage, role)
-    logical = nnx.get_partition_spec(abstract_params)  # PartitionSpecs of logical names
-    return jax.tree.map(
-        lambda spec, leaf: NamedSharding(mesh, mesh_lib.logical_to_spec(tuple(spec), leaf.shape, rules, mesh)),
-        logical,
-        abstract_params,
-    )
-
-
-def opt_state_shardings(abstract_opt_state, abstract_params, moment_shardings, mesh: Mesh):
-    """Every sub-tree of the optimizer state shaped like the params (moments, master weights) is
-    sharded like `moment_shardings`; everything else (step counts, scalars) is replicated."""
-    params_def = jax.tree.structure(abstract_params)
-
-    def is_params_like(node):
-        return isinstance(node, nnx.State) and jax.tree.structure(node) == params_def
-
-    return jax.tree.map(
-        lambda node: moment_shardings if is_params_like(node) else mesh_lib.replicated(mesh),
-        abstract_opt_state,
-        is_leaf=is_params_like,
-    )
-
-
-def offloaded(opt_shardings, *, offload: bool):
-    """(optimizer-state shardings between steps, a function the step calls to bring the state into
-    device memory). With `offload` on GPU/TPU the state rests in pinned host memory (ZeRO-Offload,
-    Ren et al. 2021, keeps it on the host too); on CPU host and device memory are one, so it is a no-op."""
-    leaves = jax.tree.leaves(opt_shardings)
-    if not offload or not leaves or leaves[0].mesh.devices.flat[0].platform == "cpu":
-        if offload:
-            log.info("mesh.offload_optimizer: CPU devices already hold the optimizer state in host memory (no-op)")
-        return opt_shardings, lambda opt_state: opt_state
-    host = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
-    device = jax.tree.map(lambda s: s.with_memory_kind("device"), opt_shardings)
-    return host, lambda opt_state: jax.device_put(opt_state, device)
-
-
 def build_steps(cfg: Config, mesh: Mesh) -> Steps:
     """The optimizer, the state's shardings and the jitted step functions for `cfg` on `mesh`."""
     abstract_model = nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     stage = cfg.mesh.zero_stage
-    param_sh = weight_shardings(abstract_params, mesh, zero_stage=stage, role="params")
-    grad_sh = weight_shardings(abstract_params, mesh, zero_stage=stage, role="grads")
-    moment_sh = weight_shardings(abstract_params, mesh, zero_stage=stage, role="opt_state")
+    param_sh = mesh_lib.weight_shardings(abstract_params, mesh, zero_stage=stage, role="params")
+    grad_sh = mesh_lib.weight_shardings(abstract_params, mesh, zero_stage=stage, role="grads")
+    moment_sh = mesh_lib.weight_shardings(abstract_params, mesh, zero_stage=stage, role="opt_state")
     tx, lr_schedule = optim.build(
         cfg.optim, cfg.train.steps, mesh=mesh, state_specs=jax.tree.map(lambda s: s.spec, moment_sh)
     )
@@ -196,8 +153,8 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
         )
 
     abstract_state = jax.eval_shape(init)
-    opt_sh, opt_state_to_device = offloaded(
-        opt_state_shardings(abstract_state.opt_state, abstract_params, moment_sh, mesh),
+    opt_sh, opt_state_to_device = mesh_lib.offloaded(
+        mesh_lib.opt_state_shardings(abstract_state.opt_state, abstract_params, moment_sh, mesh),
         offload=cfg.mesh.offload_optimizer,
     )
     state_sh = TrainState(
@@ -207,8 +164,8 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
         skipped_steps=mesh_lib.replicated(mesh),
         loss_scale=jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract_state.loss_scale),
     )
-    batch_sh = {k: mesh_lib.batch_sharding(mesh, 3, batch_dim=1) for k in BATCH_KEYS}
-    eval_batch_sh = {k: mesh_lib.batch_sharding(mesh, 2) for k in BATCH_KEYS}
+    batch_sh = batch_lib.train_shardings(mesh)
+    eval_batch_sh = batch_lib.eval_shardings(mesh)
     replicated = mesh_lib.replicated(mesh)
 
     def under_rules(fn):
@@ -248,11 +205,3 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
         eval_batch_shardings=eval_batch_sh,
     )
 
-
-def abstract_batch(cfg: Config, mesh: Mesh) -> dict:
-    """ShapeDtypeStructs of one step's global batch (A, B, T), for ahead-of-time lowering."""
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    shape = (cfg.train.grad_accum_steps, cfg.train.micro_batch_size * dp, cfg.model.seq_len)
-    sharding = mesh_lib.batch_sharding(mesh, 3, batch_dim=1)
-    dtypes = {"loss_mask": jnp.bool_}
-    return {k: jax.ShapeDtypeStruct(shape, dtypes.get(k, jnp.int32), sharding=sharding) for k in BATCH_KEYS}

@@ -14,7 +14,8 @@ from llmx import mesh as mesh_lib
 from llmx.errors import ConfigError
 from llmx.plan import collective_counts, compile_train_step, main as plan_main, per_device_bytes, state_memory
 from llmx.step import build_steps
-from llmx.train import batch_layout, train
+from llmx.batch import micro_rows
+from llmx.train import train
 
 GLOBAL_BATCH = 16
 LAYOUTS = {
@@ -37,7 +38,7 @@ def _dp(overrides):
 def single_device_run(tmp_path_factory, data_dir):
     cfg = small_config(tmp_path_factory.mktemp("one"), data_dir, "train.steps=20", f"train.micro_batch_size={GLOBAL_BATCH}")
     summary = train(cfg, devices=jax.devices()[:1])
-    return summary["losses"], jax.device_get(summary["params"])
+    return summary.losses, jax.device_get(summary.params)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -46,10 +47,10 @@ def test_layout_trains_like_one_device(layout, single_device_run, tmp_path, data
     micro = GLOBAL_BATCH // _dp(overrides)
     summary = train(small_config(tmp_path, data_dir, "train.steps=20", f"train.micro_batch_size={micro}", *overrides))
     ref_losses, ref_params = single_device_run
-    losses = summary["losses"]
+    losses = summary.losses
     np.testing.assert_allclose([losses[s] for s in sorted(losses)], [ref_losses[s] for s in sorted(ref_losses)], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
-                 jax.device_get(summary["params"]), ref_params)
+                 jax.device_get(summary.params), ref_params)
 
 
 def _steps(*overrides):
@@ -78,8 +79,8 @@ def test_planned_bytes_equal_the_shards_of_a_real_run(tmp_path, data_dir):
     summary = train(cfg)
     _, steps = _steps("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "mesh.zero_stage=3")
     planned = state_memory(cfg, steps)
-    real = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(summary["params"]))
-    assert real == per_device_bytes(summary["params"])
+    real = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(summary.params))
+    assert real == per_device_bytes(summary.params)
     assert planned.params == pytest.approx(real, rel=0.05)
 
 
@@ -133,7 +134,7 @@ def test_batch_arithmetic_mismatch_is_explained():
                                  "train.grad_accum_steps=3", "train.global_batch_size=32"])
     with pytest.raises(ConfigError, match=r"global_batch_size=32 but micro_batch_size 2 x grad_accum_steps 3 x "
                                           r"data-parallel 8 \(mesh.data 2 x mesh.fsdp 4\) = 48"):
-        batch_layout(cfg, mesh_lib.make_mesh(cfg.mesh))
+        micro_rows(cfg, mesh_lib.make_mesh(cfg.mesh))
 
 
 def test_plan_cli_prints_json(capsys):

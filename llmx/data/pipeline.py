@@ -24,10 +24,9 @@ import numpy as np
 from llmx.data.sources import document_text
 from llmx.errors import DataError
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-
 
 def _shift(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A packed row of T+1 tokens -> the batch row of `llmx.batch.BATCH_KEYS`, each (T,)."""
     tokens, seg, pos = packed["tokens"], packed["tokens_segment_ids"], packed["tokens_positions"]  # (T+1,)
     return {
         "inputs": tokens[:-1],

@@ -1,0 +1,50 @@
+"""The mesh axes, outermost first: the one table that config validation, mesh construction, batch
+layout and their error messages read.
+
+Adding a mesh axis is one entry here, its size field in `llmx.config.MeshConfig` (same name), and its
+entries in the logical-axis rules (`llmx.mesh.RULES`). Nothing else names mesh axes by hand.
+Pure Python on purpose: `llmx.config` validates against this table without importing jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshAxis:
+    name: str  # the mesh axis and the `mesh.<name>` config key of its size
+    splits_batch: bool  # the global batch is split over it (it is a data-parallel axis)
+    role: str  # what it is for, in words (help text and messages)
+
+
+MESH_AXES: tuple[MeshAxis, ...] = (
+    MeshAxis("data", splits_batch=True, role="pure data-parallel replicas"),
+    MeshAxis("fsdp", splits_batch=True, role="the ZeRO/FSDP group: the batch is split over it too"),
+    MeshAxis("tensor", splits_batch=False, role="tensor-parallel (Megatron) group"),
+)
+
+NAMES: tuple[str, ...] = tuple(axis.name for axis in MESH_AXES)
+# The axes the global batch is split over, outermost first (data parallelism in the widest sense).
+BATCH_AXES: tuple[str, ...] = tuple(axis.name for axis in MESH_AXES if axis.splits_batch)
+
+
+def configured_sizes(mesh_cfg) -> dict[str, int]:
+    """{axis: size} as configured (-1: fill with the devices left over), in mesh order."""
+    return {name: getattr(mesh_cfg, name) for name in NAMES}
+
+
+def single_device() -> dict[str, int]:
+    """Mesh config values that put everything on one device."""
+    return {name: 1 for name in NAMES}
+
+
+def data_parallel_size(shape: dict[str, int]) -> int:
+    """How many ways the global batch is split on a mesh of this shape."""
+    return math.prod(shape[name] for name in BATCH_AXES)
+
+
+def describe(sizes: dict[str, int]) -> str:
+    """'data=2xfsdp=4xtensor=1', for messages."""
+    return "x".join(f"{name}={size}" for name, size in sizes.items())
