@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
+from llmx import mesh as mesh_lib
 from llmx.config import CheckpointConfig
 from llmx.data.pipeline import state_from_json, state_to_json
 from llmx.errors import CheckpointError
@@ -218,28 +219,20 @@ class Checkpointer:
             self._manager.close()
 
 
-def abstract_with_shardings(abstract_state, shardings):
-    """ShapeDtypeStructs carrying the target shardings: Orbax restores (and reshards) into these."""
-    return jax.tree.map(
-        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-        abstract_state,
-        shardings,
-    )
-
-
-def resolve(path: str | Path) -> tuple[Path, int]:
-    """(checkpoint directory, step) of `checkpoint.restore_from`: a step directory, a directory of
-    steps (its newest complete one) or a run directory (its `checkpoints/`)."""
+def resolve(path: str | Path, *, given_as: str) -> tuple[Path, int]:
+    """(checkpoint directory, step) of a step directory, a directory of steps (its newest complete
+    one) or a run directory (its `checkpoints/`). `given_as` names where the path came from
+    ('checkpoint.restore_from', '--checkpoint', '--run-dir') for the messages."""
     path = Path(path)
     if path.name.isdigit() and (path / "state").is_dir():
         return path.parent, int(path.name)
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint.restore_from={path} does not exist")
+        raise CheckpointError(f"{given_as} {path}: no such checkpoint, checkpoints directory or run directory")
     step = ocp.CheckpointManager(path.absolute(), options=ocp.CheckpointManagerOptions(read_only=True)).latest_step()
     if step is None:
-        raise CheckpointError(f"checkpoint.restore_from={path} holds no complete checkpoint")
+        raise CheckpointError(f"{given_as} {path}: holds no complete checkpoint; train first")
     return path, step
 
 
@@ -252,12 +245,12 @@ def initial_state(ckpt: Checkpointer, cfg: CheckpointConfig, steps, train_iter) 
         return _restore_full(ckpt, step, steps, train_iter)
     if not cfg.restore_from:
         return steps.init(), 0
-    directory, step = resolve(cfg.restore_from)
+    directory, step = resolve(cfg.restore_from, given_as="checkpoint.restore_from")
     source = Checkpointer(directory, cfg, read_only=True)
     try:
         if cfg.restore_mode == "full":
             return _restore_full(source, step, steps, train_iter)
-        target = abstract_with_shardings(steps.abstract_state.params, steps.state_shardings.params)
+        target = mesh_lib.abstract_with_shardings(steps.abstract_state.params, steps.state_shardings.params)
         params = source.restore_params(step, target)
         log.info("starting at step 0 from the weights of %s", source.step_dir(step))
         return steps.init_from_params(params), 0
@@ -266,7 +259,9 @@ def initial_state(ckpt: Checkpointer, cfg: CheckpointConfig, steps, train_iter) 
 
 
 def _restore_full(source: Checkpointer, step: int, steps, train_iter) -> tuple[Any, int]:
-    state, data_state = source.restore(step, abstract_with_shardings(steps.abstract_state, steps.state_shardings))
+    state, data_state = source.restore(
+        step, mesh_lib.abstract_with_shardings(steps.abstract_state, steps.state_shardings)
+    )
     try:
         train_iter.set_state(data_state)
     except Exception as e:  # noqa: BLE001 - Grain rejects a state of a different pipeline

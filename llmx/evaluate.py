@@ -19,18 +19,14 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
-from flax import nnx
+from jax.experimental import multihost_utils
 
-from llmx import config as config_lib
+from llmx import batch as batch_lib
 from llmx import data as data_lib
-from llmx import mesh as mesh_lib
-from llmx.checkpoint import abstract_with_shardings
 from llmx.cli import run as run_cli
 from llmx.config import Config
-from llmx.errors import CheckpointError, ConfigError
-from llmx.step import Steps, build_steps
+from llmx.run import RestoredRun, restore_run
+from llmx.step import Steps
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +93,7 @@ def build_eval_sets(cfg: Config, steps: Steps, data: data_lib.PreparedData) -> l
     """Every named eval set of `data` (`validation` first, then `data.eval_sources`; the training mixture
     when there is none) as the trainer builds its eval batches: the first `train.eval_batches` batches
     in document order."""
-    from llmx.train import batch_layout, to_global  # here, not at the top: the trainer imports this module
-
-    micro_rows = batch_layout(cfg, steps.mesh)
+    micro_rows = batch_lib.micro_rows(cfg, steps.mesh)
     named = data.eval_sets
     if not named:
         log.warning("the corpus is too small for a validation split (data.validation_percent); evaluating on train")
@@ -114,107 +108,10 @@ def build_eval_sets(cfg: Config, steps: Steps, data: data_lib.PreparedData) -> l
         it.close()
         n_bytes = sum(target_bytes(data.tokenizer, b["targets"], b["loss_mask"]) for b in local)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             n_bytes = int(multihost_utils.process_allgather(np.int64(n_bytes)).sum())
-        batches = [to_global(b, steps.eval_batch_shardings, ()) for b in local]
+        batches = [batch_lib.to_global(b, steps.eval_batch_shardings, ()) for b in local]
         eval_sets.append(EvalSet(name, batches, n_bytes))
     return eval_sets
-
-
-@dataclasses.dataclass
-class RestoredRun:
-    cfg: Config
-    steps: Steps
-    params: object  # nnx.State placed with the training shardings
-    step: int
-    checkpoint: Path
-    tokenizer: object
-
-
-def _checkpoint_dir(cfg: Config, checkpoint: str | None) -> tuple[Path, int]:
-    """(the CheckpointManager directory, step) of `checkpoint` (a step directory or a directory of
-    steps) or of the newest checkpoint in `train.run_dir/checkpoints`."""
-    path = Path(checkpoint if checkpoint else Path(cfg.train.run_dir) / "checkpoints").absolute()
-    if path.name.isdigit() and (path / "state").is_dir():
-        return path.parent, int(path.name)
-    if not path.is_dir():
-        raise CheckpointError(f"no checkpoint directory {path}; train first or pass --checkpoint")
-    step = ocp.CheckpointManager(path).latest_step()
-    if step is None:
-        raise CheckpointError(f"no complete checkpoint in {path}; train first or pass --checkpoint")
-    return path, step
-
-
-def _flat_shapes(tree, prefix="") -> dict[str, tuple]:
-    """{'blocks.attn.wq': shape, ...} of nested dicts of arrays, ShapeDtypeStructs or Orbax metadata."""
-    if isinstance(tree, dict) or hasattr(tree, "items"):
-        out = {}
-        for key, value in tree.items():
-            name = prefix if key == "value" else f"{prefix}.{key}".lstrip(".")  # nnx.Variable -> {'value': x}
-            out.update(_flat_shapes(value, name))
-        return out
-    return {prefix: tuple(tree.shape)}
-
-
-def check_param_shapes(directory: Path, step: int, abstract_params) -> None:
-    """A CheckpointError naming the first parameter whose stored shape is not the configured one
-    (checked on metadata, before Orbax starts reading arrays)."""
-    metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory / str(step) / "state"))
-    stored = _flat_shapes(metadata["params"])
-    for name, shape in _flat_shapes(nnx.to_pure_dict(abstract_params)).items():
-        if name not in stored:
-            raise CheckpointError(f"checkpoint {directory / str(step)} has no parameter {name}")
-        if stored[name] != shape:
-            raise CheckpointError(
-                f"parameter {name} has shape {stored[name]} in checkpoint {directory / str(step)} but the "
-                f"config gives {shape}; evaluate with the run's own model settings"
-            )
-
-
-def restore_params(directory: Path, step: int, steps: Steps):
-    """Only the parameters of the train state at `step`, placed with the training shardings."""
-    check_param_shapes(directory, step, steps.abstract_state.params)
-    target = {"params": abstract_with_shardings(steps.abstract_state.params, steps.state_shardings.params)}
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)  # places each array by its sharding
-    args = ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-    )
-    try:
-        return ocp.CheckpointManager(directory).restore(step, args=args).state["params"]
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"checkpoint {directory / str(step)} cannot be restored into the configured model: {first_line}"
-        ) from None
-
-
-def load_config(*, run_dir: str | None, config: str | None, overrides: Sequence[str]) -> Config:
-    """The config of `run_dir` (its config.yaml, with run_dir pointing at it) or of a YAML file."""
-    if run_dir:
-        path = Path(run_dir) / "config.yaml"
-        if not path.is_file():
-            raise ConfigError(f"{run_dir} is not a run directory: it has no config.yaml")
-        return config_lib.load(path, [f"train.run_dir={run_dir}", *overrides])
-    return config_lib.load(config, list(overrides))
-
-
-def restore_run(
-    *, run_dir: str | None = None, config: str | None = None, overrides: Sequence[str] = (),
-    checkpoint: str | None = None, single_device: bool = False,
-) -> RestoredRun:
-    """A run's config, compiled steps on its training mesh (or one device) and restored parameters."""
-    cfg = load_config(run_dir=run_dir, config=config, overrides=overrides)
-    devices = jax.devices()[:1] if single_device else None
-    if single_device:
-        cfg = cfg.replace(mesh={"data": 1, "fsdp": 1, "tensor": 1})
-    mesh = mesh_lib.make_mesh(cfg.mesh, devices)
-    steps = build_steps(cfg, mesh)
-    directory, step = _checkpoint_dir(cfg, checkpoint)
-    params = restore_params(directory, step, steps)
-    # The run's own tokenizer.json (BPE) wins over any cached or retrained one.
-    tokenizer = data_lib.build_tokenizer(cfg.data, vocab_size=cfg.model.vocab_size, run_dir=Path(cfg.train.run_dir))
-    return RestoredRun(cfg, steps, params, step, directory / str(step), tokenizer)
 
 
 def format_table(results: Sequence[EvalResult]) -> str:

@@ -25,6 +25,7 @@ from flax import nnx
 from llmx import mesh as mesh_lib
 from llmx.cli import run as run_cli
 from llmx.errors import ConfigError
+from llmx.run import restore_run
 
 
 def sample_logits(logits, key, *, temperature, top_k, top_p):
@@ -195,8 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single-device", action="store_true", help="one device instead of the training mesh")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = parser.parse_args(argv)
-    from llmx.evaluate import restore_run  # the evaluator owns run-directory restoring
-
     run = restore_run(run_dir=args.run_dir, overrides=args.overrides, checkpoint=args.checkpoint,
                       single_device=args.single_device)
     tokenizer = run.tokenizer

@@ -24,11 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llmx import axes
 from llmx import config as config_lib
+from llmx import mesh as mesh_lib
+from llmx.checkpoint import Checkpointer
 from llmx.cli import run as run_cli
 from llmx.config import DTYPES, ModelConfig
 from llmx.errors import CheckpointError, ConfigError
 from llmx.model import Llama
+from llmx.run import restore_run
+from llmx.step import build_steps
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 # Buffers some older checkpoints carry; recomputed by the model, so skipped on import.
@@ -248,10 +253,6 @@ def import_run(hf_dir: str | Path, out: str | Path, overrides: list[str] = ()) -
     """A run directory at step 0 from a HF model: config.yaml (the HF model section, other sections
     from defaults and `overrides`) and a checkpoint in the trainer's layout, so `llmx.train` fine-tunes
     from it and `llmx.generate --run-dir` samples from it."""
-    from llmx import mesh as mesh_lib
-    from llmx.checkpoint import Checkpointer
-    from llmx.step import build_steps
-
     model_cfg, model = load(hf_dir)
     raw = {"model": dataclasses.asdict(model_cfg), "train": {"run_dir": str(out)}}
     for text in overrides:
@@ -261,7 +262,8 @@ def import_run(hf_dir: str | Path, out: str | Path, overrides: list[str] = ()) -
     params = nnx.state(model, nnx.Param)
     # The trainer's own state at step 0 around these weights (optimizer, fp16 loss scale and all), on
     # one device: checkpoints restore onto any mesh.
-    steps = build_steps(cfg, mesh_lib.make_mesh(config_lib.MeshConfig(), jax.devices()[:1]))
+    one_device = cfg.replace(mesh=axes.single_device())
+    steps = build_steps(one_device, mesh_lib.make_mesh(one_device.mesh, jax.devices()[:1]))
     state = steps.init_from_params(params)
     data_state = {}  # no data consumed yet: the trainer starts a fresh iterator from an empty state
     out = Path(out)
@@ -276,8 +278,6 @@ def import_run(hf_dir: str | Path, out: str | Path, overrides: list[str] = ()) -
 
 def export_run(run_dir: str | Path, out: str | Path, *, checkpoint: str | None = None, max_shard_size: int = 0) -> Path:
     """A HF model directory from a run's newest checkpoint (or `checkpoint`)."""
-    from llmx.evaluate import restore_run
-
     run = restore_run(run_dir=str(run_dir), checkpoint=checkpoint, single_device=True)
     return save(run.cfg.model, nnx.to_pure_dict(run.params), out, max_shard_size=max_shard_size, tokenizer=run.tokenizer)
 

@@ -148,7 +148,7 @@ def test_imported_run_fine_tunes_generates_and_exports_back(hf_model, tmp_path, 
     """`llmx.hf import` writes a run the trainer resumes from step 0 (its first eval is the HF model's),
     that generates, and that exports back to the same tensors. In fp16, so the imported state must
     carry the loss scaler's state too."""
-    from llmx.evaluate import restore_run
+    from llmx.run import restore_run
     from llmx.generate import generate
     from llmx.train import train
 
@@ -168,8 +168,8 @@ def test_imported_run_fine_tunes_generates_and_exports_back(hf_model, tmp_path, 
 
     cfg = config_lib.load(run_dir / "config.yaml")
     summary = train(cfg)
-    assert summary["start_step"] == 0 and summary["final_step"] == 2
-    assert set(summary["eval_losses"]) == {0, 1, 2}
+    assert summary.start_step == 0 and summary.final_step == 2
+    assert set(summary.eval_losses) == {0, 1, 2}
     assert "loss_scale" in [m for m in read_metrics(run_dir) if "loss" in m][-1]
 
     hf.main(["export", "--run-dir", str(run_dir), "--out", str(tmp_path / "back"),
