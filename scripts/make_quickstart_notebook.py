@@ -72,7 +72,7 @@ A live progress bar shows loss and tokens/s; `metrics.jsonl`, TensorBoard events
     new_code_cell("""from llmx.train import train
 
 summary = train(cfg)
-print(f"validation loss: {summary['eval_losses'][0]:.3f} at step 0 -> {summary['final_eval_loss']:.3f} at step {summary['final_step']}")"""),
+print(f"validation loss: {summary.eval_losses[0]:.3f} at step 0 -> {summary.final_eval_loss:.3f} at step {summary.final_step}")"""),
     new_markdown_cell("""## 5. Loss and learning rate
 
 The curves come straight from `metrics.jsonl`; `scripts/plot_metrics.py` draws the same PNG for several runs."""),
@@ -96,7 +96,7 @@ against the trainer's last validation loss, and asked to continue a prompt."""),
 from llmx.generate import sample_text
 
 run, results = run_evaluation(run_dir="runs/quickstart", single_device=True)
-print(f"restored step {run.step}: validation loss {results[0].loss:.4f} (trainer said {summary['final_eval_loss']:.4f})")
+print(f"restored step {run.step}: validation loss {results[0].loss:.4f} (trainer said {summary.final_eval_loss:.4f})")
 prompt = "def "
 print(prompt + sample_text(run.params, run.steps.graphdef, run.tokenizer, prompt, seq_len=run.cfg.model.seq_len,
                            max_new_tokens=200, seed=0))"""),
@@ -114,6 +114,8 @@ def main() -> None:
         "language_info": {"name": "python"},
         "accelerator": "TPU",
     })
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i:02d}"  # stable ids: regenerating the notebook changes only what changed
     out = Path(__file__).resolve().parents[1] / "notebooks" / "llmx_quickstart.ipynb"
     nbformat.write(nb, out)
     print(out)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from llmx import config as config_lib
@@ -41,6 +43,17 @@ def small_config(tmp_path: Path, data_dir: Path, *overrides: str, config_file: s
         config_file,
         [*base, f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={data_dir}", *overrides],
     )
+
+
+def checkpoint_steps(run_dir) -> list[int]:
+    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def assert_trees_equal(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b) and leaves_a
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -143,7 +143,7 @@ def trained_run(tmp_path_factory, data_dir):
 
     tmp = tmp_path_factory.mktemp("gen")
     summary = train(small_config(tmp, data_dir, "train.steps=2", "train.sample_tokens=5", "train.sample_prompt=def"))
-    assert isinstance(summary["sample"], str)  # the trainer's end-of-run sample, now on the KV-cache path
+    assert isinstance(summary.sample, str)  # the trainer's end-of-run sample, now on the KV-cache path
     return tmp / "run"
 
 

@@ -38,21 +38,21 @@ def test_two_processes_train_like_one(stage, tmp_path, data_dir, subprocess_env)
     proc = launch([*overrides, f"train.run_dir={tmp_path / 'two'}", f"data.cache_dir={data_dir}"], subprocess_env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "[p1]" in proc.stdout or "[p0]" in proc.stdout
-    reference = one_process(overrides, tmp_path / "one", data_dir)["losses"]
+    reference = one_process(overrides, tmp_path / "one", data_dir).losses
     two = step_losses(tmp_path / "two")
     assert sorted(two) == list(range(1, 11))
     np.testing.assert_allclose([two[s] for s in sorted(two)], [reference[s] for s in sorted(reference)], rtol=1e-5)
 
 
 def test_checkpoints_move_between_process_counts(tmp_path, data_dir, subprocess_env):
-    reference = one_process([*COMMON, "train.steps=8", "mesh.zero_stage=3"], tmp_path / "ref", data_dir)["losses"]
+    reference = one_process([*COMMON, "train.steps=8", "mesh.zero_stage=3"], tmp_path / "ref", data_dir).losses
     # 2 processes write step 4, 1 process resumes to 6; then 2 processes resume to 8.
     run = tmp_path / "moving"
     args = [*COMMON, "mesh.zero_stage=3", f"train.run_dir={run}", f"data.cache_dir={data_dir}"]
     first = launch([*args, "train.steps=4"], subprocess_env)
     assert first.returncode == 0, first.stdout[-3000:]
     middle = one_process([*COMMON, "mesh.zero_stage=3", "train.steps=6"], run, data_dir)
-    assert middle["start_step"] == 4
+    assert middle.start_step == 4
     last = launch([*args, "train.steps=8"], subprocess_env)
     assert last.returncode == 0, last.stdout[-3000:]
     losses = step_losses(run)

@@ -23,7 +23,7 @@ def _png_size(path):
 
 def test_trainer_plot_holds_the_metrics(tmp_path, data_dir):
     summary = train(small_config(tmp_path, data_dir, "train.steps=6", "train.eval_every=3", "train.plot=true"))
-    png = summary["plot"]
+    png = summary.plot
     nbytes, width, height = _png_size(png)
     assert nbytes > 10_000 and width >= 400 and height >= 400
     drawn = plot_runs([tmp_path / "run"], tmp_path / "again.png")
