@@ -39,6 +39,7 @@ def test_overrides_are_typed():
         ("model.n_heads=5", "model.n_heads=5 does not divide model.d_model=256"),
         ("model.n_kv_heads=3", "model.n_kv_heads=3 must divide model.n_heads=4"),
         ("optim.schedule=warmup", "optim.schedule='warmup' is not allowed; choose one of"),
+        ("model.family=gpt2", "model.family='gpt2' is not allowed; choose one of"),
         ("train.steps", "is not of the form section.key=value"),
     ],
 )
