@@ -20,11 +20,11 @@ import numpy as np
 
 from llmx import config as config_lib
 from llmx import mesh as mesh_lib
+from llmx import models
 from llmx import targets
 from llmx.checkpoint import abstract_with_shardings
 from llmx.cli import run as run_cli
 from llmx.config import Config
-from llmx.flops import flops_per_token
 from llmx.step import Steps, abstract_batch, build_steps
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
@@ -171,7 +171,7 @@ def plan(cfg: Config, *, target: str = "current", devices=None) -> dict:
     memory = state_memory(cfg, steps)
     sequences = cfg.train.grad_accum_steps * cfg.train.micro_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
     tokens = sequences * cfg.model.seq_len
-    model_flops = flops_per_token(cfg.model) * tokens / mesh.size
+    model_flops = models.get(cfg.model.family).flops_per_token(cfg.model) * tokens / mesh.size
     try:
         compiled = compile_train_step(cfg, steps)
     except jax.errors.JaxRuntimeError as e:

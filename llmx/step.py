@@ -20,10 +20,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from llmx import mesh as mesh_lib
-from llmx import optim
+from llmx import models, optim
 from llmx.config import Config
 from llmx.data.pipeline import BATCH_KEYS
-from llmx.model import Llama
 from llmx.precision import LossScaler, loss_scaler
 
 log = logging.getLogger("llmx")
@@ -172,7 +171,8 @@ def offloaded(opt_shardings, *, offload: bool):
 
 def build_steps(cfg: Config, mesh: Mesh) -> Steps:
     """The optimizer, the state's shardings and the jitted step functions for `cfg` on `mesh`."""
-    abstract_model = nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
+    build = models.get(cfg.model.family).build
+    abstract_model = nnx.eval_shape(lambda: build(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     stage = cfg.mesh.zero_stage
     param_sh = weight_shardings(abstract_params, mesh, zero_stage=stage, role="params")
@@ -183,7 +183,7 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
     )
 
     def init() -> TrainState:
-        model = Llama(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+        model = build(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
         params = nnx.state(model, nnx.Param)
         return init_from_params(params)
 

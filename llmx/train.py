@@ -21,6 +21,7 @@ from llmx import config as config_lib
 from llmx import data as data_lib
 from llmx import distributed
 from llmx import mesh as mesh_lib
+from llmx import models
 from llmx.checkpoint import Checkpointer, initial_state
 from llmx.config import Config
 from llmx.cli import run as run_cli
@@ -178,6 +179,7 @@ def train(cfg: Config, *, devices=None) -> dict:
         run_eval(0)
 
     peak = peak_flops(mesh.devices.flat)
+    flops_per_token = models.get(cfg.model.family).flops_per_token(cfg.model)
     profile = cfg.train.profile_steps if jax.process_index() == 0 else ()
     pending: list[tuple[int, dict]] = []
     tokens_per_step = cfg.model.seq_len * micro_rows * cfg.train.grad_accum_steps
@@ -197,7 +199,7 @@ def train(cfg: Config, *, devices=None) -> dict:
             summary["losses"][s] = m["loss"]
             tokens_per_second = tokens_per_step / step_time
             writer.write(s, {**m, "step_time": step_time, "tokens_per_second": tokens_per_second,
-                             "mfu": mfu(tokens_per_second, cfg.model, peak)})
+                             "mfu": mfu(tokens_per_second, flops_per_token, peak)})
             check_finite(s, m)
         last = {k: float(v) for k, v in fetched[-1].items()}
         writer.progress(step, loss=last["loss"], tok_s=tokens_per_step / step_time)
