@@ -31,6 +31,9 @@ def _field(default, *, choices=None, min=None, max=None, help=""):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    # The names of llmx.models.FAMILIES (this module cannot import the models, which import it; a test
+    # keeps the two equal).
+    family: str = _field("llama", choices=("llama",), help="model family (llmx.models): module, FLOPs, HF mapping")
     vocab_size: int = _field(384, min=1, help="embedding rows; at least the tokenizer's vocabulary")
     d_model: int = _field(256, min=1, help="residual width")
     n_layers: int = _field(4, min=1, help="decoder blocks")

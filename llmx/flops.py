@@ -1,10 +1,6 @@
-"""Model FLOPs and MFU (model FLOPs utilisation, PaLM §B): the FLOPs a training step needs by the
-model's arithmetic, over what the devices could do at their bf16 peak.
-
-Per token of training, 6 FLOPs per matmul weight (forward 2, backward 4; the embedding lookup is no
-matmul, the output projection is) plus attention's two T x T matmuls. PaLM (Chowdhery et al. 2022,
-App. B) counts attention as 12·L·H·Dh·T per token; with causal masking half of it is needed, and like
-MaxText we count that half: 6·L·H·Dh·T. Rematerialisation is not counted (it is not model FLOPs).
+"""Model FLOPs utilisation (MFU, PaLM §B): the FLOPs a training step needs by the model's arithmetic
+(its family's `flops_per_token`, `llmx.models`), over what the devices could do at their bf16 peak:
+the vendors' data sheets for accelerators, a measured matmul probe for CPUs.
 """
 
 from __future__ import annotations
@@ -18,8 +14,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-
-from llmx.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +30,6 @@ PEAK_BF16_FLOPS = {
     "H100": 989e12,
     "H200": 989e12,
 }
-
-
-def matmul_params(cfg: ModelConfig) -> int:
-    """Weights that take part in a matmul per token: attention and MLP projections and the output."""
-    D, H, K, Dh, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
-    per_layer = D * H * Dh + 2 * D * K * Dh + H * Dh * D + 3 * D * F
-    return cfg.n_layers * per_layer + D * cfg.vocab_size
-
-
-def flops_per_token(cfg: ModelConfig) -> float:
-    """Training FLOPs (forward + backward) per token at sequence length `cfg.seq_len`."""
-    attention = 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * cfg.seq_len
-    return 6 * matmul_params(cfg) + attention
 
 
 def _cache_file() -> Path:
@@ -155,5 +136,6 @@ def peak_flops(devices) -> float:
     raise KeyError(f"no peak FLOP/s known for device kind {kind!r}; add it to llmx.flops.PEAK_BF16_FLOPS")
 
 
-def mfu(tokens_per_second: float, cfg: ModelConfig, peak: float) -> float:
-    return tokens_per_second * flops_per_token(cfg) / peak
+def mfu(tokens_per_second: float, flops_per_token: float, peak: float) -> float:
+    """The fraction of `peak` FLOP/s that `tokens_per_second` tokens of `flops_per_token` each use."""
+    return tokens_per_second * flops_per_token / peak

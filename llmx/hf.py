@@ -1,16 +1,11 @@
-"""Hugging Face Llama interop: `config.json` + `*.safetensors` <-> llmx ModelConfig and parameters.
+"""Hugging Face interop: `config.json` + `*.safetensors` <-> llmx ModelConfig and parameters.
 
     python -m llmx.hf import --hf-dir D --out R [section.key=value ...]   # a run directory at step 0
     python -m llmx.hf export --run-dir R --out D [--max-shard-size BYTES]
 
-No torch: tensors go through `safetensors.numpy`. Layouts (HF `nn.Linear` weights are (out, in)):
-  q_proj (H*Dh, D) <-> wq (D, H, Dh); k_proj, v_proj (K*Dh, D) <-> wk, wv (D, K, Dh); o_proj (D, H*Dh) <->
-  wo (H, Dh, D); gate/up_proj (F, D) <-> w_gate/w_up (D, F); down_proj (D, F) <-> w_down (F, D);
-  lm_head (V, D) <-> unembed (D, V); layers stacked on a leading L axis.
-RoPE needs no permutation: llmx rotates halves of each head (`model.rope`) exactly as HF Llama's
-`rotate_half` does, and HF checkpoints are stored for that layout (the interleaved-pair permutation
-lives only in HF's conversion script from Meta's original weights). The parity test proves it.
-"""
+No torch: tensors go through `safetensors.numpy`. This module reads and writes the files; the family
+that handles `config.json`'s `model_type` (import) or `model.family` (export) maps the names and layouts
+(`llmx.models`, e.g. `llmx.models.llama`)."""
 
 from __future__ import annotations
 
@@ -27,11 +22,11 @@ from flax import nnx
 from llmx import axes
 from llmx import config as config_lib
 from llmx import mesh as mesh_lib
+from llmx import models
 from llmx.checkpoint import Checkpointer
 from llmx.cli import run as run_cli
 from llmx.config import DTYPES, ModelConfig
 from llmx.errors import CheckpointError, ConfigError
-from llmx.model import Llama
 from llmx.run import restore_run
 from llmx.step import build_steps
 
@@ -49,72 +44,35 @@ def _safetensors():
 
 
 def model_config_from_hf(hf: dict, *, dtype: str | None = None) -> ModelConfig:
-    """The ModelConfig of a HF Llama `config.json`; anything llmx does not implement is a ConfigError
-    naming the field."""
-    def unsupported(field, value, allowed):
-        raise ConfigError(f"Hugging Face config {field}={value!r} is not supported; llmx implements {allowed}")
-
-    if hf.get("model_type") != "llama":
-        unsupported("model_type", hf.get("model_type"), "'llama'")
-    if hf.get("hidden_act", "silu") != "silu":
-        unsupported("hidden_act", hf["hidden_act"], "'silu'")
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
-            unsupported(flag, hf[flag], "false")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        field = "rope_parameters.rope_type" if "rope_parameters" in hf else "rope_scaling.type"
-        unsupported(field, rope_type, "'default' (no RoPE scaling)")
-    d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, d_model // n_heads):
-        unsupported("head_dim", hf["head_dim"], f"hidden_size / num_attention_heads = {d_model // n_heads}")
+    """The ModelConfig of a HF `config.json`, by the family that reads its `model_type`; anything llmx
+    does not implement is a ConfigError naming the field. `dtype` defaults to the checkpoint's."""
+    family = models.for_hf_model_type(hf.get("model_type"))
     hf_dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     dtype = dtype or (hf_dtype if hf_dtype in DTYPES else "float32")
-    values = {
-        "vocab_size": hf["vocab_size"],
-        "d_model": d_model,
-        "n_layers": hf["num_hidden_layers"],
-        "n_heads": n_heads,
-        "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
-        "d_ff": hf["intermediate_size"],
-        "seq_len": hf.get("max_position_embeddings", 2048),
-        "rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-        "init_std": float(hf.get("initializer_range", 0.02)),
-        "param_dtype": dtype,
-        "dtype": dtype,
-    }
+    values = {"family": family.name, **family.hf.config_from_hf(hf), "param_dtype": dtype, "dtype": dtype}
     return config_lib.from_dict({"model": values}).model
 
 
 def hf_config(cfg: ModelConfig, *, bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None) -> dict:
-    """A `config.json` for transformers' LlamaForCausalLM."""
+    """A `config.json` for the transformers class of the model's family."""
+    mapping = _mapping(cfg)
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.d_ff,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.seq_len,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "rope_theta": cfg.rope_theta,  # the field transformers 4.x reads
-        "rms_norm_eps": cfg.norm_eps,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "initializer_range": cfg.init_std,
+        "architectures": list(mapping.architectures),
+        "model_type": mapping.model_type,
+        **mapping.config_to_hf(cfg),
         "dtype": cfg.param_dtype,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
         "pad_token_id": pad_id,
     }
+
+
+def _mapping(cfg: ModelConfig) -> models.HFMapping:
+    family = models.get(cfg.family)
+    if family.hf is None:
+        raise ConfigError(f"model.family={cfg.family} has no Hugging Face mapping; export needs one of the families "
+                          f"{', '.join(name for name, f in models.FAMILIES.items() if f.hf is not None)}")
+    return family.hf
 
 
 def read_tensors(hf_dir: Path) -> dict[str, np.ndarray]:
@@ -135,48 +93,11 @@ def read_tensors(hf_dir: Path) -> dict[str, np.ndarray]:
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
-    """The nested dict of llmx parameters (as `nnx.to_pure_dict` gives) from HF tensors."""
-    D, H, K, Dh, L = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
-    dtype = jnp.dtype(cfg.param_dtype)
-    used = set()
-
-    def get(name, shape):
-        if name not in tensors:
-            raise CheckpointError(f"the Hugging Face checkpoint has no tensor {name}")
-        if tuple(tensors[name].shape) != shape:
-            raise CheckpointError(f"tensor {name} has shape {tuple(tensors[name].shape)}; the config implies {shape}")
-        used.add(name)
-        return tensors[name]
-
-    def layers(suffix, shape, convert):
-        # (L, ...) from model.layers.{i}.<suffix>, each converted to llmx's layout
-        return np.stack([convert(get(f"model.layers.{i}.{suffix}", shape)) for i in range(L)]).astype(dtype)
-
-    F, V = cfg.d_ff, cfg.vocab_size
-    params = {
-        "embed": get("model.embed_tokens.weight", (V, D)).astype(dtype),  # (V, D)
-        "blocks": {
-            "attn_norm": {"scale": layers("input_layernorm.weight", (D,), lambda w: w)},
-            "attn": {
-                "wq": layers("self_attn.q_proj.weight", (H * Dh, D), lambda w: w.T.reshape(D, H, Dh)),
-                "wk": layers("self_attn.k_proj.weight", (K * Dh, D), lambda w: w.T.reshape(D, K, Dh)),
-                "wv": layers("self_attn.v_proj.weight", (K * Dh, D), lambda w: w.T.reshape(D, K, Dh)),
-                "wo": layers("self_attn.o_proj.weight", (D, H * Dh), lambda w: w.T.reshape(H, Dh, D)),
-            },
-            "mlp_norm": {"scale": layers("post_attention_layernorm.weight", (D,), lambda w: w)},
-            "mlp": {
-                "w_gate": layers("mlp.gate_proj.weight", (F, D), lambda w: w.T),  # (L, D, F)
-                "w_up": layers("mlp.up_proj.weight", (F, D), lambda w: w.T),
-                "w_down": layers("mlp.down_proj.weight", (D, F), lambda w: w.T),  # (L, F, D)
-            },
-        },
-        "final_norm": {"scale": get("model.norm.weight", (D,)).astype(dtype)},
-    }
-    if not cfg.tie_embeddings:
-        params["unembed"] = get("lm_head.weight", (V, D)).T.astype(dtype)  # (D, V)
-    extra = sorted(n for n in tensors if n not in used and not n.endswith(IGNORED_SUFFIXES))
-    if cfg.tie_embeddings:
-        extra = [n for n in extra if n != "lm_head.weight"]  # some tied checkpoints store the copy
+    """The nested dict of llmx parameters (as `nnx.to_pure_dict` gives) from HF tensors; a tensor the
+    family does not read is a CheckpointError."""
+    available = models.HFTensors(tensors)
+    params = _mapping(cfg).params_from_hf(available, cfg)
+    extra = [n for n in available.untaken() if not n.endswith(IGNORED_SUFFIXES)]
     if extra:
         raise CheckpointError(f"the Hugging Face checkpoint has tensors llmx does not use, e.g. {extra[0]}")
     return params
@@ -184,42 +105,26 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
 
 def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """HF tensor names -> arrays from a nested dict of llmx parameters (inverse of `params_from_hf`)."""
-    D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    p = jax.tree.map(np.asarray, params)
-    blocks = p["blocks"]
-    out = {"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["final_norm"]["scale"]}
-    for i in range(cfg.n_layers):
-        prefix = f"model.layers.{i}."
-        attn, mlp = blocks["attn"], blocks["mlp"]
-        out[prefix + "input_layernorm.weight"] = blocks["attn_norm"]["scale"][i]
-        out[prefix + "post_attention_layernorm.weight"] = blocks["mlp_norm"]["scale"][i]
-        out[prefix + "self_attn.q_proj.weight"] = attn["wq"][i].reshape(D, H * Dh).T  # (H*Dh, D)
-        out[prefix + "self_attn.k_proj.weight"] = attn["wk"][i].reshape(D, K * Dh).T
-        out[prefix + "self_attn.v_proj.weight"] = attn["wv"][i].reshape(D, K * Dh).T
-        out[prefix + "self_attn.o_proj.weight"] = attn["wo"][i].reshape(H * Dh, D).T  # (D, H*Dh)
-        out[prefix + "mlp.gate_proj.weight"] = mlp["w_gate"][i].T  # (F, D)
-        out[prefix + "mlp.up_proj.weight"] = mlp["w_up"][i].T
-        out[prefix + "mlp.down_proj.weight"] = mlp["w_down"][i].T  # (D, F)
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = p["unembed"].T  # (V, D)
-    return {name: np.ascontiguousarray(a) for name, a in out.items()}
+    tensors = _mapping(cfg).params_to_hf(jax.tree.map(np.asarray, params), cfg)
+    return {name: np.ascontiguousarray(a) for name, a in tensors.items()}
 
 
-def load(hf_dir: str | Path, *, dtype: str | None = None) -> tuple[ModelConfig, Llama]:
-    """(config, model) of a HF Llama directory; `model(tokens (B, T) int32)` gives fp32 logits (B, T, V).
+def load(hf_dir: str | Path, *, dtype: str | None = None) -> tuple[ModelConfig, nnx.Module]:
+    """(config, model) of a HF model directory; `model(tokens (B, T) int32)` gives fp32 logits (B, T, V).
     `dtype` overrides the parameter and compute dtype (default: the checkpoint's)."""
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise ConfigError(f"{hf_dir} is not a Hugging Face model directory: it has no config.json")
     cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()), dtype=dtype)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+    build = models.get(cfg.family).build
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0))))
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params_from_hf(read_tensors(hf_dir), cfg)))
     return cfg, nnx.merge(graphdef, state)
 
 
 def save(cfg: ModelConfig, params: dict, out_dir: str | Path, *, max_shard_size: int = 0, tokenizer=None) -> Path:
     """Writes `config.json` and the weights (sharded with an index when `max_shard_size` bytes is set
-    and exceeded) for transformers' LlamaForCausalLM."""
+    and exceeded) for the transformers class of the model's family."""
     st = _safetensors()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

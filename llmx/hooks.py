@@ -57,11 +57,11 @@ class Metrics(Hook):
     steps), writes them with throughput and MFU, and checks them: a non-finite loss stops the run under
     `train.on_nan=stop`. The first step is flushed alone: its time is mostly compilation."""
 
-    def __init__(self, *, every: int, tokens_per_step: int, peak_flops: float, model_cfg, on_nan: str):
+    def __init__(self, *, every: int, tokens_per_step: int, peak_flops: float, flops_per_token: float, on_nan: str):
         self.every = every
         self.tokens_per_step = tokens_per_step
         self.peak_flops = peak_flops
-        self.model_cfg = model_cfg
+        self.flops_per_token = flops_per_token
         self.on_nan = on_nan
         self.pending: list[tuple[int, dict]] = []
         self.clock: float | None = None
@@ -97,7 +97,7 @@ class Metrics(Hook):
             m["skipped_steps"] = int(m["skipped_steps"])
             loop.summary.losses[s] = m["loss"]
             loop.writer.write(s, {**m, "step_time": step_time, "tokens_per_second": tokens_per_second,
-                                  "mfu": mfu(tokens_per_second, self.model_cfg, self.peak_flops)})
+                                  "mfu": mfu(tokens_per_second, self.flops_per_token, self.peak_flops)})
             self._check_finite(loop, s, m)
         last = {k: float(v) for k, v in fetched[-1].items()}
         loop.writer.progress(step, loss=last["loss"], tok_s=tokens_per_second)

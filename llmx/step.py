@@ -20,9 +20,8 @@ from jax.sharding import Mesh
 
 from llmx import batch as batch_lib
 from llmx import mesh as mesh_lib
-from llmx import optim
+from llmx import models, optim
 from llmx.config import Config
-from llmx.model import Llama
 from llmx.precision import LossScaler, loss_scaler
 
 
@@ -129,7 +128,8 @@ class Steps:
 
 def build_steps(cfg: Config, mesh: Mesh) -> Steps:
     """The optimizer, the state's shardings and the jitted step functions for `cfg` on `mesh`."""
-    abstract_model = nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
+    build = models.get(cfg.model.family).build
+    abstract_model = nnx.eval_shape(lambda: build(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     stage = cfg.mesh.zero_stage
     param_sh = mesh_lib.weight_shardings(abstract_params, mesh, zero_stage=stage, role="params")
@@ -140,7 +140,7 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
     )
 
     def init() -> TrainState:
-        model = Llama(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+        model = build(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
         params = nnx.state(model, nnx.Param)
         return init_from_params(params)
 

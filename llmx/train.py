@@ -22,6 +22,7 @@ from llmx import data as data_lib
 from llmx import distributed
 from llmx import hooks
 from llmx import mesh as mesh_lib
+from llmx import models
 from llmx.checkpoint import Checkpointer, initial_state
 from llmx.cli import run as run_cli
 from llmx.config import Config
@@ -46,7 +47,8 @@ def build_hooks(cfg: Config, *, steps: Steps, ckpt: Checkpointer, eval_sets, tok
     t = cfg.train
     metrics = hooks.Metrics(
         every=t.log_every, tokens_per_step=batch_lib.tokens_per_step(cfg, steps.mesh),
-        peak_flops=peak_flops(steps.mesh.devices.flat), model_cfg=cfg.model, on_nan=t.on_nan,
+        peak_flops=peak_flops(steps.mesh.devices.flat),
+        flops_per_token=models.get(cfg.model.family).flops_per_token(cfg.model), on_nan=t.on_nan,
     )
     actions: list[Hook] = [
         hooks.StopOnSignal(),

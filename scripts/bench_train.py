@@ -30,8 +30,9 @@ import jax  # noqa: E402
 
 from llmx import config as config_lib  # noqa: E402
 from llmx import mesh as mesh_lib  # noqa: E402
+from llmx import models  # noqa: E402
 from llmx.benchmark import synthetic_batch  # noqa: E402
-from llmx.flops import flops_per_token, measure_cpu_peak, peak_flops  # noqa: E402
+from llmx.flops import measure_cpu_peak, mfu, peak_flops  # noqa: E402
 from llmx.step import build_steps  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
@@ -71,7 +72,7 @@ def report(run: dict, peak: float) -> dict:
         "tokens_per_step": tokens,
         "step_time": step_time,
         "tokens_per_second": tokens_per_second,
-        "mfu": tokens_per_second * flops_per_token(cfg.model) / peak,
+        "mfu": mfu(tokens_per_second, models.get(cfg.model.family).flops_per_token(cfg.model), peak),
         "compile_seconds": run["compile_seconds"],
         "temp_bytes": analysis.temp_size_in_bytes,
         "peak_bytes": analysis.argument_size_in_bytes + analysis.output_size_in_bytes

@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 from pathlib import Path
 
@@ -5,6 +6,7 @@ import pytest
 
 from conftest import PYTHON, REPO
 from llmx import config as config_lib
+from llmx import models
 from llmx.errors import ConfigError
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -39,6 +41,7 @@ def test_overrides_are_typed():
         ("model.n_heads=5", "model.n_heads=5 does not divide model.d_model=256"),
         ("model.n_kv_heads=3", "model.n_kv_heads=3 must divide model.n_heads=4"),
         ("optim.schedule=warmup", "optim.schedule='warmup' is not allowed; choose one of"),
+        ("model.family=gpt2", "model.family='gpt2' is not allowed; choose one of"),
         ("train.steps", "is not of the form section.key=value"),
     ],
 )
@@ -75,3 +78,10 @@ def test_readme_config_reference_is_current():
     readme = (REPO / "README.md").read_text()
     table = readme.split("<!-- config-reference:start -->\n")[1].split("\n<!-- config-reference:end -->")[0]
     assert table == config_lib.reference_markdown(), "regenerate the README table from llmx.config.reference_markdown()"
+
+
+def test_model_family_choices_are_the_registrys_families():
+    """config.py cannot import the models (they import it), so its choices are a copy kept equal here."""
+    (field,) = [f for f in dataclasses.fields(config_lib.ModelConfig) if f.name == "family"]
+    assert tuple(field.metadata["choices"]) == tuple(models.FAMILIES)
+    assert field.default in models.FAMILIES

@@ -14,7 +14,7 @@ from llmx import config as config_lib
 from llmx import generate as gen
 from llmx import mesh as mesh_lib
 from llmx.data import ByteTokenizer
-from llmx.model import Llama
+from llmx.models.llama import Llama
 from llmx.step import build_steps
 
 from helpers import small_config

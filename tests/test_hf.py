@@ -15,7 +15,7 @@ from llmx import config as config_lib
 from llmx import hf
 from llmx.cli import run as run_cli
 from llmx.errors import ConfigError
-from llmx.model import Llama
+from llmx.models.llama import Llama
 from llmx.step import loss_sums
 
 from helpers import SMALL, read_metrics

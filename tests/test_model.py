@@ -5,7 +5,9 @@ import pytest
 from flax import nnx
 
 from llmx import config as config_lib
-from llmx.model import Llama, attention_mask
+from llmx import models
+from llmx.attention import attention_mask
+from llmx.errors import ConfigError
 
 SMALL_MODEL = ["model.vocab_size=64", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
                "model.n_kv_heads=2", "model.d_ff=48", "model.seq_len=16"]
@@ -13,7 +15,7 @@ SMALL_MODEL = ["model.vocab_size=64", "model.d_model=32", "model.n_layers=2", "m
 
 def make(*overrides, seed=0):
     cfg = config_lib.load(None, [*SMALL_MODEL, *overrides]).model
-    return cfg, Llama(cfg, rngs=nnx.Rngs(seed))
+    return cfg, models.get(cfg.family).build(cfg, rngs=nnx.Rngs(seed))
 
 
 def test_shapes_and_logical_axes():
@@ -31,6 +33,28 @@ def test_shapes_and_logical_axes():
     D, F, V, L = 32, 48, 64, 2
     expected = V * D * 2 + D + L * (2 * D + D * 4 * 8 + 2 * D * 2 * 8 + 4 * 8 * D + 3 * D * F)
     assert n == expected
+
+
+def test_unknown_family_is_a_one_line_error_naming_the_known_ones():
+    with pytest.raises(ConfigError) as err:
+        models.get("mixtral")
+    assert "\n" not in str(err.value) and "'mixtral'" in str(err.value) and "llama" in str(err.value)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_matmul_params_are_the_modules_matmul_weights(tied):
+    """The FLOPs arithmetic counts every parameter but the norms' scales and the embedding lookup (a
+    tied embedding counts once, as the output projection)."""
+    cfg, model = make(f"model.tie_embeddings={str(tied).lower()}")
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    total = sum(x.size for x in jax.tree.leaves(params))
+    norms = sum(x.size for x in jax.tree.leaves([params["final_norm"], params["blocks"]["attn_norm"],
+                                                 params["blocks"]["mlp_norm"]]))
+    lookup = 0 if tied else params["embed"].size
+    family = models.get("llama")
+    assert family.matmul_params(cfg) == total - norms - lookup
+    L, H, Dh, T = 2, 4, 8, 16
+    assert family.flops_per_token(cfg) == 6 * (total - norms - lookup) + 6 * L * H * Dh * T
 
 
 def test_tied_embeddings_have_no_output_matrix():

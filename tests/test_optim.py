@@ -9,7 +9,7 @@ from flax import nnx
 
 from llmx import config as config_lib
 from llmx import optim
-from llmx.model import Llama
+from llmx.models.llama import Llama
 
 
 def sched(*overrides, total=100):

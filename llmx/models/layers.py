@@ -1,0 +1,178 @@
+"""The layers model families share, in Flax NNX: RMSNorm, rotary embeddings, grouped-query attention
+(with its KV-cache decode), the SwiGLU MLP, and the runner of a stack of layers (scan or unrolled, with
+activation checkpointing).
+
+Every parameter names its logical axes (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, `layers`);
+`llmx.mesh` maps them to mesh axes, so this file knows nothing about devices.
+Shapes: B batch, T query positions, S key positions, D d_model, H heads, K kv heads, G = H / K,
+Dh head_dim, F d_ff, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llmx import attention as attention_lib
+from llmx.attention import attention_mask, masked_attention
+from llmx.config import ModelConfig
+from llmx.mesh import traced_platform
+from llmx.precision import DOT, PROJECTION, einsum
+
+# Parameters are placed on devices by jit out_shardings derived from their logical axes (llmx.mesh),
+# not eagerly at creation, so building a model never needs a mesh.
+nnx.use_eager_sharding(False)
+
+# model.remat -> the policy applied to each layer, by the names llmx.precision.einsum gives every matmul's
+# output (jax's dots_saveable policies would miss the bf16 matmuls, which sit inside custom VJPs).
+_policies = jax.checkpoint_policies
+REMAT_POLICIES = {
+    "full": lambda platform: _policies.nothing_saveable,
+    "dots_saveable": lambda platform: _policies.save_only_these_names(DOT, PROJECTION),
+    "dots_with_no_batch_dims_saveable": lambda platform: _policies.save_only_these_names(PROJECTION),
+    # The projections' outputs go to host memory between the forward and backward pass; on CPU device
+    # memory is host memory, so they stay where they are.
+    "offload": lambda platform: _policies.save_only_these_names(PROJECTION) if platform == "cpu"
+    else _policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[PROJECTION],
+        offload_src="device", offload_dst="pinned_host",
+    ),
+}
+
+
+def normal_param(rngs: nnx.Rngs, shape, axes, *, std: float, dtype) -> nnx.Param:
+    """A parameter of `shape` drawn from N(0, std²), annotated with its logical `axes`."""
+    init = nnx.with_partitioning(nnx.initializers.normal(std), axes)
+    return nnx.Param(init(rngs.params(), shape, dtype))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, param_dtype, rngs: nnx.Rngs):
+        del rngs
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("embed",))
+
+    def __call__(self, x):
+        # Statistics in fp32 whatever the compute dtype (Llama's reference does the same).
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x, positions, *, theta: float):
+    """Rotary embedding (Su et al. 2021) in the rotate-half layout of HF Llama. x: (B, T, N, Dh)."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (Dh/2,)
+    angles = positions[..., None].astype(jnp.float32) * freqs  # (B, T, Dh/2)
+    cos = jnp.cos(angles)[:, :, None, :]  # (B, T, 1, Dh/2)
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def compute_dtype(cfg: ModelConfig):
+    """The dtype of activations and matmul operands (a config built without `llmx.config.load`
+    may still say 'auto': fp32)."""
+    return jnp.dtype("float32" if cfg.dtype == "auto" else cfg.dtype)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for decoding: k, v (L, B, S, K, Dh), preallocated to S slots, and
+    the segment id of each filled slot (B, S) (0: padding or not yet written)."""
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        pd = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.wq = normal_param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), std=cfg.init_std, dtype=pd)
+        self.wk = normal_param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), std=cfg.init_std, dtype=pd)
+        self.wv = normal_param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), std=cfg.init_std, dtype=pd)
+        # Residual projections scaled by 1/sqrt(2L) (GPT-2) so the stream's variance stays flat in depth.
+        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        self.wo = normal_param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), std=out_std, dtype=pd)
+
+    def _qkv(self, x, positions):
+        """Rotated queries (B, T, H, Dh) and keys, values (B, T, K, Dh) in the compute dtype."""
+        cfg = self.cfg
+        dt = x.dtype
+        q = einsum("btd,dhk->bthk", x, self.wq[...])  # fp32 accumulation
+        k = einsum("btd,dnk->btnk", x, self.wk[...])
+        v = einsum("btd,dnk->btnk", x, self.wv[...])
+        q = rope(q, positions, theta=cfg.rope_theta).astype(dt)  # (B, T, H, Dh)
+        k = rope(k, positions, theta=cfg.rope_theta).astype(dt)  # (B, S, K, Dh)
+        return q, k, v.astype(dt)
+
+    def __call__(self, x, segment_ids, positions):
+        q, k, v = self._qkv(x, positions)
+        # The kernel is looked up while tracing (model.attention; llmx.attention.ATTENTION).
+        attend = attention_lib.ATTENTION[attention_lib.resolve(self.cfg.attention, x.dtype)]
+        return self._project(attend(q, k, v, segment_ids))
+
+    def decode(self, x, k_cache, v_cache, *, kv_segments, segment_ids, positions, index):
+        """Attention of T new tokens at cache slots [index, index + T) over the cache (B, S, K, Dh);
+        returns the output (B, T, D) and the cache with the new keys and values written in."""
+        q, k, v = self._qkv(x, positions)
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+        mask = attention_mask(segment_ids, kv_segments, q_offset=index)  # (B, T, S)
+        out = masked_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+        return self._project(out), k_cache, v_cache
+
+    def _project(self, out):
+        """Heads (B, T, H, Dh) -> the residual stream (B, T, D)."""
+        return einsum("bthk,hkd->btd", out, self.wo[...]).astype(out.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU (Shazeer 2020): down(silu(x W_gate) * x W_up)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, F = cfg.d_model, cfg.d_ff
+        pd = jnp.dtype(cfg.param_dtype)
+        self.w_gate = normal_param(rngs, (D, F), ("embed", "mlp"), std=cfg.init_std, dtype=pd)
+        self.w_up = normal_param(rngs, (D, F), ("embed", "mlp"), std=cfg.init_std, dtype=pd)
+        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        self.w_down = normal_param(rngs, (F, D), ("mlp", "embed"), std=out_std, dtype=pd)
+
+    def __call__(self, x):
+        gate = einsum("btd,df->btf", x, self.w_gate[...])  # (B, T, F) fp32
+        up = einsum("btd,df->btf", x, self.w_up[...])
+        hidden = (jax.nn.silu(gate) * up).astype(x.dtype)  # (B, T, F)
+        return einsum("btf,fd->btd", hidden, self.w_down[...]).astype(x.dtype)
+
+
+def run_layers(
+    blocks: nnx.Module, layer_fn: Callable, carry, xs: Any = None, *, scan: bool, remat: str = "none"
+) -> tuple[Any, Any]:
+    """Runs `layer_fn(block, carry, x) -> (carry, y)` over the layers of `blocks`, a module whose every
+    Param has a leading (L,) axis (built under `nnx.vmap`), with x the layer's slice of `xs` (a pytree
+    with a leading (L,) axis, or None); returns (carry, ys stacked to (L, ...)), like `lax.scan`.
+    `scan`: one traced layer under `lax.scan`, so compile time does not grow with depth, or L unrolled
+    copies. `remat`: the activation-checkpointing policy of each layer (model.remat, REMAT_POLICIES)."""
+    graphdef, stacked = nnx.split(blocks)
+
+    def layer(carry, inputs):
+        layer_state, x = inputs
+        return layer_fn(nnx.merge(graphdef, layer_state), carry, x)
+
+    if remat != "none":
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat](traced_platform()), prevent_cse=not scan)
+    if scan:
+        return jax.lax.scan(layer, carry, (stacked, xs))
+    ys = []
+    for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+        carry, y = layer(carry, jax.tree.map(functools.partial(lambda a, i: a[i], i=i), (stacked, xs)))
+        ys.append(y)
+    return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
