@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from llmx import mesh as mesh_lib
 from llmx.errors import ConfigError
-from llmx.precision import einsum
+from llmx.matmul import einsum
 
 
 def attention_mask(q_segments, kv_segments, *, q_offset=0):

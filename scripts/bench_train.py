@@ -5,7 +5,7 @@ between them (this machine's speed drifts, so only alternated medians compare) a
 median tokens/s, step time, compile time, MFU (llmx.flops: model FLOPs over the bf16 peak) and XLA's
 memory analysis of the compiled step.
 
-On CPU the peak is measured in the same run: every round also times llmx.flops' bf16 matmul probe (a
+On CPU the peak is measured in the same run: every round also times llmx.matmul's bf16 matmul probe (a
 2048^3 bf16 x bf16 -> fp32 matmul, the faster of XLA:CPU's bf16 dot and an fp32 dot of the upcast
 operands), and MFU is over the median of those. The cached probe the trainer's logs use was measured
 at another moment, and this machine's speed drifts by up to 30 % within minutes.
@@ -31,7 +31,8 @@ import jax  # noqa: E402
 from llmx import config as config_lib  # noqa: E402
 from llmx import mesh as mesh_lib  # noqa: E402
 from llmx.benchmark import synthetic_batch  # noqa: E402
-from llmx.flops import flops_per_token, measure_cpu_peak, peak_flops  # noqa: E402
+from llmx.flops import flops_per_token, peak_flops  # noqa: E402
+from llmx.matmul import measure_cpu_peak  # noqa: E402
 from llmx.step import build_steps  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
