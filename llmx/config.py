@@ -114,7 +114,8 @@ class DataConfig:
 class OptimConfig:
     name: str = _field("adamw", choices=("adamw", "sgd", "lamb"), help="optimizer")
     impl: str = _field(
-        "optax", choices=("optax", "pallas"), help="optax (XLA-fused) or the fused Pallas kernels (interpreted on CPU)"
+        "optax", choices=("optax", "pallas"),
+        help="optax (XLA-fused) or the fused Pallas kernels (on CPU their jnp reference: Pallas only interprets there)",
     )
     lr: float = _field(3e-3, min=0.0, help="peak learning rate")
     schedule: str = _field(

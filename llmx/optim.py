@@ -2,17 +2,25 @@
 
 clip_by_global_norm -> adamw | sgd (momentum, Nesterov) | lamb, with weight decay masked off norm
 scales and biases, driven by one of the schedules below; `optim.impl` picks optax's XLA-fused
-implementation or the fused Pallas kernels of `pallas_kernels` (DeepSpeed's FusedAdam/FusedLamb).
+implementation or the fused optimizers of `pallas_kernels` (DeepSpeed's FusedAdam/FusedLamb). Those
+run as compiled Pallas kernels where the mesh's devices are TPUs or GPUs, and as their jnp reference
+(the same update, state and sharding, fused by XLA) on CPU, where Pallas only interprets.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import jax
 import optax
+from jax.sharding import Mesh
 
 import pallas_kernels
 
 from llmx.config import OptimConfig
+
+log = logging.getLogger(__name__)
 
 # Parameter names that are norm scales or biases: no weight decay on them unless configured.
 _NO_DECAY_NAMES = ("scale", "bias")
@@ -88,8 +96,9 @@ def _adam_family(adam_fn):
     return build
 
 
-# (optim.name, optim.impl) -> builder. The Pallas kernels update each device's shard under shard_map,
-# so they are given the mesh and the optimizer state's PartitionSpecs; optax is partitioned by XLA.
+# (optim.name, implementation) -> builder. optax is partitioned by XLA. The fused optimizers update each
+# device's shard under shard_map, so they are given the mesh and the optimizer state's PartitionSpecs:
+# "pallas" is the kernel, "reference" the same update in jnp (optim.impl=pallas picks one by platform).
 OPTIMIZERS = {
     ("adamw", "optax"): _adam_family(optax.adamw),
     ("sgd", "optax"): _decayed_sgd(optax.sgd),
@@ -97,19 +106,44 @@ OPTIMIZERS = {
     ("adamw", "pallas"): _adam_family(pallas_kernels.adamw),
     ("sgd", "pallas"): _decayed_sgd(pallas_kernels.sgd),
     ("lamb", "pallas"): _adam_family(pallas_kernels.lamb),
+    ("adamw", "reference"): _adam_family(pallas_kernels.adamw_reference),
+    ("sgd", "reference"): _decayed_sgd(pallas_kernels.sgd_reference),
+    ("lamb", "reference"): _adam_family(pallas_kernels.lamb_reference),
 }
+# optim.impl=pallas on each platform: Pallas lowers to Mosaic on TPU and Triton on GPU; on CPU it only
+# interprets (milliseconds per grid step), so the XLA-fused jnp reference trains there instead.
+FUSED_IMPLS = {"cpu": "reference"}  # every other platform: the compiled kernel
+
+
+def fused_impl(mesh: Mesh) -> str:
+    """What optim.impl=pallas runs for a step compiled for `mesh`: "pallas" (the kernel) or "reference"."""
+    return FUSED_IMPLS.get(mesh.devices.flat[0].platform, "pallas")
+
+
+@functools.cache
+def _log_fused_impl(name: str, platform: str, impl: str) -> None:
+    what = "the compiled Pallas kernel" if impl == "pallas" else "its jnp reference (Pallas only interprets here)"
+    log.info("optim.impl=pallas: fused %s on %s runs %s", name, platform, what)
 
 
 def build(
-    cfg: OptimConfig, total_steps: int, *, mesh=None, state_specs=None
+    cfg: OptimConfig, total_steps: int, *, mesh: Mesh | None = None, state_specs=None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer and its learning-rate schedule (the schedule is also logged as `lr`).
 
-    `mesh` and `state_specs` (one PartitionSpec per parameter: how its optimizer state is split) are
-    needed by `optim.impl=pallas` on a mesh; optax ignores them.
+    `mesh` (the mesh the step is compiled for) and `state_specs` (one PartitionSpec per parameter: how
+    its optimizer state is split) are needed by `optim.impl=pallas`: the mesh's platform, never the
+    host's default backend, decides between the kernels and their reference (`fused_impl`). optax
+    ignores both.
     """
     lr = schedule(cfg, total_steps)
-    kwargs = {"mesh": mesh, "param_specs": state_specs} if cfg.impl == "pallas" and mesh is not None else {}
+    impl, kwargs = cfg.impl, {}
+    if cfg.impl == "pallas":
+        if mesh is None:
+            raise ValueError("optim.impl=pallas needs the mesh the step is compiled for: pass mesh= and state_specs=")
+        impl = fused_impl(mesh)
+        _log_fused_impl(cfg.name, mesh.devices.flat[0].platform, impl)
+        kwargs = {"mesh": mesh, "param_specs": state_specs} | ({"interpret": False} if impl == "pallas" else {})
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-    parts.append(OPTIMIZERS[cfg.name, cfg.impl](cfg, lr, **kwargs))
+    parts.append(OPTIMIZERS[cfg.name, impl](cfg, lr, **kwargs))
     return optax.chain(*parts), lr

@@ -21,10 +21,10 @@ import numpy as np
 from llmx import batch as batch_lib
 from llmx import config as config_lib
 from llmx import mesh as mesh_lib
-from llmx import models
 from llmx import targets
 from llmx.cli import run as run_cli
 from llmx.config import Config
+from llmx.flops import flops_per_token
 from llmx.mesh import abstract_with_shardings
 from llmx.step import Steps, build_steps
 
@@ -171,7 +171,7 @@ def plan(cfg: Config, *, target: str = "current", devices=None) -> dict:
     steps = build_steps(cfg, mesh)
     memory = state_memory(cfg, steps)
     tokens = batch_lib.tokens_per_step(cfg, mesh)
-    model_flops = models.get(cfg.model.family).flops_per_token(cfg.model) * tokens / mesh.size
+    model_flops = flops_per_token(cfg.model) * tokens / mesh.size
     try:
         compiled = compile_train_step(cfg, steps)
     except jax.errors.JaxRuntimeError as e:

@@ -22,7 +22,7 @@ from llmx import batch as batch_lib
 from llmx import mesh as mesh_lib
 from llmx import models, optim
 from llmx.config import Config
-from llmx.precision import LossScaler, loss_scaler
+from llmx.loss_scaling import LossScaler, loss_scaler
 
 
 @flax.struct.dataclass
@@ -32,7 +32,7 @@ class TrainState:
     opt_state: optax.OptState
     # () int32: steps whose update was dropped for a non-finite loss or gradient (train.on_nan)
     skipped_steps: jax.Array = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
-    # fp16 loss scaling (llmx.precision.LossScaleState); None for fp32 and bf16
+    # fp16 loss scaling (llmx.loss_scaling.LossScaleState); None for fp32 and bf16
     loss_scale: Any = None
 
 
@@ -61,7 +61,7 @@ def train_step(
     """One optimizer step on a batch of (A, B, T) arrays: A micro-batches of B sequences."""
     n_tokens = batch["loss_mask"].astype(jnp.float32).sum()
     inv_tokens = 1.0 / jnp.maximum(n_tokens, 1.0)
-    # fp16: differentiate the loss times the loss scale, unscale the gradients (llmx.precision).
+    # fp16: differentiate the loss times the loss scale, unscale the gradients (llmx.loss_scaling).
     pre, post = scaler.factors(state.loss_scale, inv_tokens)
 
     def scaled_loss(params, micro_batch):

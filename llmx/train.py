@@ -22,12 +22,11 @@ from llmx import data as data_lib
 from llmx import distributed
 from llmx import hooks
 from llmx import mesh as mesh_lib
-from llmx import models
 from llmx.checkpoint import Checkpointer, initial_state
 from llmx.cli import run as run_cli
 from llmx.config import Config
 from llmx.evaluate import build_eval_sets
-from llmx.flops import peak_flops
+from llmx.flops import flops_per_token, peak_flops
 from llmx.loop import Hook, LoopState, RunSummary
 from llmx.loop import run as run_loop
 from llmx.metrics import MetricsWriter
@@ -48,7 +47,7 @@ def build_hooks(cfg: Config, *, steps: Steps, ckpt: Checkpointer, eval_sets, tok
     metrics = hooks.Metrics(
         every=t.log_every, tokens_per_step=batch_lib.tokens_per_step(cfg, steps.mesh),
         peak_flops=peak_flops(steps.mesh.devices.flat),
-        flops_per_token=models.get(cfg.model.family).flops_per_token(cfg.model), on_nan=t.on_nan,
+        flops_per_token=flops_per_token(cfg.model), on_nan=t.on_nan,
     )
     actions: list[Hook] = [
         hooks.StopOnSignal(),

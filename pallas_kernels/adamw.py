@@ -13,20 +13,16 @@ is rewritten in place.
 """
 
 import functools
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import PartitionSpec
 
-from pallas_kernels import blocking, leafwise, sharded
-from pallas_kernels.blocking import BlockSizes
+from pallas_kernels import blocking, factory, leafwise, sharded
 
-__all__ = ["AdamWState", "BlockSizes", "adam_direction", "adam_transformation", "adamw", "adamw_reference"]
-
-ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
+__all__ = ["ADAMW", "AdamWState", "adam_direction", "adam_transformation", "adamw", "adamw_reference"]
 
 # Rows of the hyperparameter tile (blocking.hyper_tile).
 NEG_LR, BIAS_CORRECTION_1, BIAS_CORRECTION_2, WEIGHT_DECAY = range(4)
@@ -90,7 +86,9 @@ def _adamw_kernel(hyper_ref, *refs, b1, b2, eps, eps_root, decay, reads_weight, 
 # ---------------------------------------------------------------- wrapper
 
 
-def _adamw_leaf_pallas(grad, mu, nu, master, param, decay, spec, *, hyper, config, block_sizes, interpret):
+def _adamw_leaf_pallas(
+    grad, mu, nu, master, param, decay, spec, *, hyper, b1, b2, eps, eps_root, block_sizes, interpret
+):
     del spec  # elementwise: a shard needs nothing from the others
     if grad.size == 0:
         return jnp.zeros_like(param), mu, nu, master
@@ -100,7 +98,10 @@ def _adamw_leaf_pallas(grad, mu, nu, master, param, decay, spec, *, hyper, confi
     inputs = (
         [grad, mu, nu] + ([master if has_master else param] if reads_weight else []) + ([param] if has_master else [])
     )
-    kernel = functools.partial(_adamw_kernel, **config, decay=decay, reads_weight=reads_weight, has_master=has_master)
+    kernel = functools.partial(
+        _adamw_kernel, b1=b1, b2=b2, eps=eps, eps_root=eps_root, decay=decay, reads_weight=reads_weight,
+        has_master=has_master,
+    )
     outputs = blocking.blockwise_call(
         kernel,
         blocking.hyper_tile(*hyper),
@@ -181,84 +182,35 @@ def adam_transformation(
     return optax.GradientTransformation(init, update)
 
 
-def adamw(
-    learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    weight_decay: ScalarOrSchedule = 1e-4,
-    mask: Any = None,
-    *,
-    master_weights: bool = True,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool | None = None,
-    mesh: Mesh | None = None,
-    param_specs: Any = None,
-) -> optax.GradientTransformation:
-    """Fused AdamW; a drop-in for `optax.adamw` (same arguments and numerics; moments kept in fp32).
-
-    Returns updates (new_param - param) for `optax.apply_updates`. Low-precision
-    leaves keep an fp32 master copy in the state unless `master_weights=False`
-    (see `pallas_kernels.leafwise`). `interpret=None` interprets on CPU and compiles
-    on GPU (Triton) / TPU (Mosaic). With `mesh` and `param_specs` (one
-    PartitionSpec per leaf, how the optimizer state is sharded) the update runs
-    under `jax.shard_map`, each device updating its own shard (`pallas_kernels.sharded`).
-    """
-    interpret = blocking.resolve_interpret(interpret)
-    block_sizes = block_sizes or BlockSizes.get_default(interpret=interpret)
-    config = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
-    leaf_update = functools.partial(_adamw_leaf_pallas, config=config, block_sizes=block_sizes, interpret=interpret)
-    return adam_transformation(
-        leaf_update,
-        learning_rate=learning_rate,
-        b1=b1,
-        b2=b2,
-        weight_decay=weight_decay,
-        mask=mask,
-        master_weights=master_weights,
-        mesh=mesh,
-        param_specs=param_specs,
-    )
-
-
 # ---------------------------------------------------------------- reference
 
 
-def _adamw_leaf_reference(grad, mu, nu, master, param, decay, spec, *, hyper, config):
+def _adamw_leaf_reference(grad, mu, nu, master, param, decay, spec, *, hyper, b1, b2, eps, eps_root):
     del spec
     has_master = leafwise.is_present(master)
     weight = master if has_master else param.astype(jnp.float32)
-    direction, mu, nu = adam_direction(grad, mu, nu, weight, hyper, **config, decay=decay)
+    direction, mu, nu = adam_direction(
+        grad, mu, nu, weight, hyper, b1=b1, b2=b2, eps=eps, eps_root=eps_root, decay=decay
+    )
     update, new_master = leafwise.apply_step(
         hyper[NEG_LR] * direction, param, master if has_master else None, param.dtype
     )
     return update, mu, nu, new_master if has_master else master
 
 
-def adamw_reference(
-    learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    weight_decay: ScalarOrSchedule = 1e-4,
-    mask: Any = None,
-    *,
-    master_weights: bool = True,
-    mesh: Mesh | None = None,
-    param_specs: Any = None,
-) -> optax.GradientTransformation:
-    """`adamw` in plain jnp (same state, master weights and sharding); XLA fuses it, so it is the CPU training path."""
-    config = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
-    return adam_transformation(
-        functools.partial(_adamw_leaf_reference, config=config),
-        learning_rate=learning_rate,
-        b1=b1,
-        b2=b2,
-        weight_decay=weight_decay,
-        mask=mask,
-        master_weights=master_weights,
-        mesh=mesh,
-        param_specs=param_specs,
-    )
+# ---------------------------------------------------------------- optax factories
+
+
+ADAMW = factory.Rules(
+    name="adamw",
+    title="AdamW (Loshchilov & Hutter 2019)",
+    fp32_state="moments",
+    defaults=dict(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, weight_decay=1e-4, mask=None),
+    leaf_args=("b1", "b2", "eps", "eps_root"),
+    transformation_args=("b1", "b2", "weight_decay", "mask"),
+    kernel=_adamw_leaf_pallas,
+    reference=_adamw_leaf_reference,
+    transformation=adam_transformation,
+)
+adamw = factory.make(ADAMW, "pallas")
+adamw_reference = factory.make(ADAMW, "reference")

@@ -49,21 +49,27 @@ class BlockSizes:
             raise ValueError(f"block_rows={self.block_rows} is not a power of two; use e.g. 16, 512 or 1024")
 
     @classmethod
-    def get_default(cls, *, interpret: bool, backend: str | None = None) -> "BlockSizes":
-        """Large blocks for the interpreter (few loop steps), VMEM-sized for TPU, register-sized for Triton."""
+    def get_default(cls, *, interpret: bool, platform: str | None = None) -> "BlockSizes":
+        """Large blocks for the interpreter (few loop steps), VMEM-sized for TPU, register-sized for Triton.
+
+        `platform`: the one compiled for (a mesh's `devices.flat[0].platform`); None: the default backend.
+        """
         if interpret:
             return cls(block_rows=1024)
-        backend = backend or jax.default_backend()
-        if backend == "tpu":
+        platform = platform or jax.default_backend()
+        if platform == "tpu":
             # 512 x 128 x 4 B = 256 KiB per buffer; ~9 double-buffered buffers fit v5e's 16 MiB scoped VMEM.
             return cls(block_rows=512)
         # Triton keeps a block in registers: 2048 elements over 4 warps is 16 per thread.
         return cls(block_rows=16)
 
 
-def resolve_interpret(interpret: bool | None) -> bool:
-    """None means: interpret on CPU (Pallas has no CPU lowering), compile on GPU/TPU."""
-    return jax.default_backend() == "cpu" if interpret is None else interpret
+def resolve_interpret(interpret: bool | None, *, platform: str | None = None) -> bool:
+    """None means: interpret on CPU (Pallas has no CPU lowering), compile on GPU/TPU. `platform`: the one
+    compiled for (an AOT compile for a TPU traces on a CPU host); None: the default backend."""
+    if interpret is not None:
+        return interpret
+    return (platform or jax.default_backend()) == "cpu"
 
 
 @dataclasses.dataclass(frozen=True)

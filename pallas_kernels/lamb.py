@@ -17,21 +17,13 @@ it composes with `optax.apply_updates` and `optax.chain` like `optax.lamb`.
 """
 
 import functools
-from collections.abc import Callable
-from typing import Any
 
-import jax
 import jax.numpy as jnp
-import optax
-from jax.sharding import Mesh
 
-from pallas_kernels import blocking, leafwise, sharded
+from pallas_kernels import blocking, factory, leafwise, sharded
 from pallas_kernels.adamw import NEG_LR, AdamWState, adam_direction, adam_transformation
-from pallas_kernels.blocking import BlockSizes
 
-__all__ = ["BlockSizes", "LambState", "lamb", "lamb_reference"]
-
-ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
+__all__ = ["LAMB", "LambState", "lamb", "lamb_reference"]
 
 LambState = AdamWState  # same fields: count, fp32 moments, fp32 master copies
 
@@ -85,14 +77,16 @@ def _lamb_kernel(
 # ---------------------------------------------------------------- wrapper
 
 
-def _lamb_leaf_pallas(grad, mu, nu, master, param, decay, spec, *, hyper, config, block_sizes, interpret):
+def _lamb_leaf_pallas(
+    grad, mu, nu, master, param, decay, spec, *, hyper, b1, b2, eps, eps_root, block_sizes, interpret
+):
     if grad.size == 0:
         return jnp.zeros_like(param), mu, nu, master
     view = blocking.BlockView.of(grad.size, block_sizes)
     has_master = leafwise.is_present(master)
     weight = master if has_master else param
     mu, nu, direction, sums = blocking.blockwise_call(
-        functools.partial(_lamb_kernel, **config, decay=decay, view=view),
+        functools.partial(_lamb_kernel, b1=b1, b2=b2, eps=eps, eps_root=eps_root, decay=decay, view=view),
         blocking.hyper_tile(*hyper),
         [view.to_blocks(x) for x in (grad, mu, nu, weight)],
         view=view,
@@ -110,53 +104,15 @@ def _lamb_leaf_pallas(grad, mu, nu, master, param, decay, spec, *, hyper, config
     return update, mu, nu, new_master if has_master else master
 
 
-def lamb(
-    learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    eps_root: float = 0.0,
-    weight_decay: ScalarOrSchedule = 0.0,
-    mask: Any = None,
-    *,
-    master_weights: bool = True,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool | None = None,
-    mesh: Mesh | None = None,
-    param_specs: Any = None,
-) -> optax.GradientTransformation:
-    """Fused LAMB; a drop-in for `optax.lamb` (same arguments and numerics; moments kept in fp32).
-
-    Returns updates (new_param - param) for `optax.apply_updates`. Low-precision
-    leaves keep an fp32 master copy (the trust ratio uses its norm) unless
-    `master_weights=False`. With `mesh` and `param_specs` the update runs under
-    `jax.shard_map`; each leaf's partial norms are `psum`-ed over the mesh axes in
-    its spec. `interpret` and `block_sizes` as in `pallas_kernels.adamw`.
-    """
-    interpret = blocking.resolve_interpret(interpret)
-    block_sizes = block_sizes or BlockSizes.get_default(interpret=interpret)
-    config = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
-    leaf_update = functools.partial(_lamb_leaf_pallas, config=config, block_sizes=block_sizes, interpret=interpret)
-    return adam_transformation(
-        leaf_update,
-        learning_rate=learning_rate,
-        b1=b1,
-        b2=b2,
-        weight_decay=weight_decay,
-        mask=mask,
-        master_weights=master_weights,
-        mesh=mesh,
-        param_specs=param_specs,
-    )
-
-
 # ---------------------------------------------------------------- reference
 
 
-def _lamb_leaf_reference(grad, mu, nu, master, param, decay, spec, *, hyper, config):
+def _lamb_leaf_reference(grad, mu, nu, master, param, decay, spec, *, hyper, b1, b2, eps, eps_root):
     has_master = leafwise.is_present(master)
     weight = master if has_master else param.astype(jnp.float32)
-    direction, mu, nu = adam_direction(grad, mu, nu, weight, hyper, **config, decay=decay)
+    direction, mu, nu = adam_direction(
+        grad, mu, nu, weight, hyper, b1=b1, b2=b2, eps=eps, eps_root=eps_root, decay=decay
+    )
     weight_sq = sharded.sum_over_shards(jnp.sum(weight * weight), spec)
     direction_sq = sharded.sum_over_shards(jnp.sum(direction * direction), spec)
     step = trust_ratio_step(direction, weight_sq, direction_sq, hyper[NEG_LR])
@@ -164,29 +120,19 @@ def _lamb_leaf_reference(grad, mu, nu, master, param, decay, spec, *, hyper, con
     return update, mu, nu, new_master if has_master else master
 
 
-def lamb_reference(
-    learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    eps_root: float = 0.0,
-    weight_decay: ScalarOrSchedule = 0.0,
-    mask: Any = None,
-    *,
-    master_weights: bool = True,
-    mesh: Mesh | None = None,
-    param_specs: Any = None,
-) -> optax.GradientTransformation:
-    """`lamb` in plain jnp (same state, master weights and sharding); XLA fuses it, so it is the CPU training path."""
-    config = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
-    return adam_transformation(
-        functools.partial(_lamb_leaf_reference, config=config),
-        learning_rate=learning_rate,
-        b1=b1,
-        b2=b2,
-        weight_decay=weight_decay,
-        mask=mask,
-        master_weights=master_weights,
-        mesh=mesh,
-        param_specs=param_specs,
-    )
+# ---------------------------------------------------------------- optax factories
+
+
+LAMB = factory.Rules(
+    name="lamb",
+    title="LAMB (You et al. 2020)",
+    fp32_state="moments",
+    defaults=dict(b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0, weight_decay=0.0, mask=None),
+    leaf_args=("b1", "b2", "eps", "eps_root"),
+    transformation_args=("b1", "b2", "weight_decay", "mask"),
+    kernel=_lamb_leaf_pallas,
+    reference=_lamb_leaf_reference,
+    transformation=adam_transformation,
+)
+lamb = factory.make(LAMB, "pallas")
+lamb_reference = factory.make(LAMB, "reference")

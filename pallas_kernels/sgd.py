@@ -12,20 +12,16 @@ trace is aliased to its output (`input_output_aliases`) for in-place reuse.
 """
 
 import functools
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import PartitionSpec
 
-from pallas_kernels import blocking, leafwise, sharded
-from pallas_kernels.blocking import BlockSizes
+from pallas_kernels import blocking, factory, leafwise, sharded
 
-__all__ = ["BlockSizes", "SgdState", "sgd", "sgd_reference"]
-
-ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
+__all__ = ["SGD", "SgdState", "sgd", "sgd_reference", "sgd_transformation"]
 
 NEG_LR = 0  # row of the hyperparameter tile
 
@@ -105,7 +101,9 @@ def _sgd_leaf_pallas(grad, trace, master, param, *, hyper, momentum, nesterov, b
     return update, trace, master
 
 
-def _transformation(leaf_update, *, learning_rate, momentum, master_weights, mesh, param_specs):
+def sgd_transformation(leaf_update, *, learning_rate, momentum, master_weights, mesh, param_specs):
+    """The optax transformation around an SGD leaf rule `leaf_update(grad, trace, master, param, *, hyper)`
+    -> (update, trace, master); the trace is MaskedNode without momentum."""
     learning_rate_fn = leafwise.as_schedule(learning_rate)
 
     def init(params):
@@ -148,38 +146,6 @@ def _transformation(leaf_update, *, learning_rate, momentum, master_weights, mes
     return optax.GradientTransformation(init, update)
 
 
-def sgd(
-    learning_rate: ScalarOrSchedule,
-    momentum: float | None = None,
-    nesterov: bool = False,
-    *,
-    master_weights: bool = True,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool | None = None,
-    mesh: Mesh | None = None,
-    param_specs: Any = None,
-) -> optax.GradientTransformation:
-    """Fused SGD; a drop-in for `optax.sgd` (same arguments and numerics; trace kept in fp32).
-
-    Returns updates (new_param - param) for `optax.apply_updates`. Low-precision
-    leaves keep an fp32 master copy in the state unless `master_weights=False`.
-    `interpret`, `block_sizes`, `mesh` and `param_specs` as in `pallas_kernels.adamw`.
-    """
-    interpret = blocking.resolve_interpret(interpret)
-    block_sizes = block_sizes or BlockSizes.get_default(interpret=interpret)
-    leaf_update = functools.partial(
-        _sgd_leaf_pallas, momentum=momentum, nesterov=nesterov, block_sizes=block_sizes, interpret=interpret
-    )
-    return _transformation(
-        leaf_update,
-        learning_rate=learning_rate,
-        momentum=momentum,
-        master_weights=master_weights,
-        mesh=mesh,
-        param_specs=param_specs,
-    )
-
-
 # ---------------------------------------------------------------- reference
 
 
@@ -195,21 +161,19 @@ def _sgd_leaf_reference(grad, trace, master, param, *, hyper, momentum, nesterov
     return update, trace if new_trace is None else new_trace, new_master if has_master else master
 
 
-def sgd_reference(
-    learning_rate: ScalarOrSchedule,
-    momentum: float | None = None,
-    nesterov: bool = False,
-    *,
-    master_weights: bool = True,
-    mesh: Mesh | None = None,
-    param_specs: Any = None,
-) -> optax.GradientTransformation:
-    """`sgd` in plain jnp (same state, master weights and sharding); XLA fuses it, so it is the CPU training path."""
-    return _transformation(
-        functools.partial(_sgd_leaf_reference, momentum=momentum, nesterov=nesterov),
-        learning_rate=learning_rate,
-        momentum=momentum,
-        master_weights=master_weights,
-        mesh=mesh,
-        param_specs=param_specs,
-    )
+# ---------------------------------------------------------------- optax factories
+
+
+SGD = factory.Rules(
+    name="sgd",
+    title="SGD (heavy-ball or Nesterov momentum)",
+    fp32_state="trace",
+    defaults=dict(momentum=None, nesterov=False),
+    leaf_args=("momentum", "nesterov"),
+    transformation_args=("momentum",),
+    kernel=_sgd_leaf_pallas,
+    reference=_sgd_leaf_reference,
+    transformation=sgd_transformation,
+)
+sgd = factory.make(SGD, "pallas")
+sgd_reference = factory.make(SGD, "reference")

@@ -5,7 +5,7 @@ between them (this machine's speed drifts, so only alternated medians compare) a
 median tokens/s, step time, compile time, MFU (llmx.flops: model FLOPs over the bf16 peak) and XLA's
 memory analysis of the compiled step.
 
-On CPU the peak is measured in the same run: every round also times llmx.flops' bf16 matmul probe (a
+On CPU the peak is measured in the same run: every round also times llmx.matmul's bf16 matmul probe (a
 2048^3 bf16 x bf16 -> fp32 matmul, the faster of XLA:CPU's bf16 dot and an fp32 dot of the upcast
 operands), and MFU is over the median of those. The cached probe the trainer's logs use was measured
 at another moment, and this machine's speed drifts by up to 30 % within minutes.
@@ -30,9 +30,9 @@ import jax  # noqa: E402
 
 from llmx import config as config_lib  # noqa: E402
 from llmx import mesh as mesh_lib  # noqa: E402
-from llmx import models  # noqa: E402
 from llmx.benchmark import synthetic_batch  # noqa: E402
-from llmx.flops import measure_cpu_peak, mfu, peak_flops  # noqa: E402
+from llmx.flops import flops_per_token, mfu, peak_flops  # noqa: E402
+from llmx.matmul import measure_cpu_peak  # noqa: E402
 from llmx.step import build_steps  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
@@ -72,7 +72,7 @@ def report(run: dict, peak: float) -> dict:
         "tokens_per_step": tokens,
         "step_time": step_time,
         "tokens_per_second": tokens_per_second,
-        "mfu": mfu(tokens_per_second, models.get(cfg.model.family).flops_per_token(cfg.model), peak),
+        "mfu": mfu(tokens_per_second, flops_per_token(cfg.model), peak),
         "compile_seconds": run["compile_seconds"],
         "temp_bytes": analysis.temp_size_in_bytes,
         "peak_bytes": analysis.argument_size_in_bytes + analysis.output_size_in_bytes

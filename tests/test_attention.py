@@ -6,6 +6,7 @@ AOT compiles run in a subprocess (`python tests/aot_attention_worker.py <target>
 like tests/test_pallas_aot.py.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -82,6 +83,16 @@ def test_auto_picks_xla_on_cpu_and_cudnn_needs_low_precision():
     assert resolve("auto", jnp.bfloat16) == "xla"
     with pytest.raises(ConfigError, match="cudnn"):
         resolve("cudnn", jnp.float32)
+
+
+def test_every_attention_choice_has_a_kernel():
+    """model.attention's choices are the ATTENTION table plus auto, and auto resolves into the table."""
+    from llmx.attention import ATTENTION, AUTO
+    from llmx.config import ModelConfig
+
+    field = next(f for f in dataclasses.fields(ModelConfig) if f.name == "attention")
+    assert set(field.metadata["choices"]) == {"auto", *ATTENTION}
+    assert set(AUTO.values()) <= set(ATTENTION)
 
 
 # ---------------------------------------------------------------- AOT for real targets

@@ -56,6 +56,10 @@ def check_report(report: dict, platform: str, num_devices: int):
         assert case["kernel_calls"] > 0, f"{case['name']}: no {KERNEL_MARKERS[platform]} in the compiled HLO"
         if case["sharded"] and case["name"].startswith("lamb"):
             assert case["all_reduces"] > 0, f"{case['name']}: LAMB's partial norms were not psum-ed"
+    # llmx.optim with optim.impl=pallas picks the compiled kernel by the target mesh's platform, though
+    # the compiling host's default backend is CPU.
+    trainer = report["llmx_optim"]
+    assert trainer["impl"] == "pallas" and trainer["kernel_calls"] > 0, trainer
 
 
 @pytest.mark.aot_tpu
@@ -106,10 +110,15 @@ def _compile_update(tx, params, param_specs, mesh, *, shard_params: bool):
             lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec)), tree, specs
         )
 
+    def specs_of(state):
+        if not hasattr(state, "_fields"):  # optax.chain's tuple of states
+            return tuple(specs_of(s) for s in state)
+        return type(state)(
+            *(PartitionSpec() if hasattr(f, "shape") else sharded.per_leaf_specs(f, param_specs) for f in state)
+        )
+
     state = jax.eval_shape(tx.init, params)
-    state_specs = type(state)(
-        *(PartitionSpec() if hasattr(f, "shape") else sharded.per_leaf_specs(f, param_specs) for f in state)
-    )
+    state_specs = specs_of(state)
     specs = param_specs if shard_params else jax.tree.map(lambda _: PartitionSpec(), param_specs)
     args = (abstract(params, specs), abstract(state, state_specs), abstract(params, specs))
     return jax.jit(tx.update).lower(*args).compile()
@@ -125,7 +134,7 @@ def _worker(mode: str, topology: str) -> dict:
 
     platform = "tpu" if mode.startswith("tpu") else "cuda"
     devices = _target_devices(platform, topology)
-    blocks = pallas_kernels.BlockSizes.get_default(interpret=False, backend=platform)
+    blocks = pallas_kernels.BlockSizes.get_default(interpret=False, platform=platform)
     one = Mesh(np.array(devices[:1]), ("fsdp",), axis_types=(AxisType.Auto,))
     mesh = Mesh(np.array(devices), ("fsdp",), axis_types=(AxisType.Auto,))
 
@@ -181,7 +190,22 @@ def _worker(mode: str, topology: str) -> dict:
                         "all_reduces": hlo.count(" all-reduce(") + hlo.count(" all-reduce-start("),
                     }
                 )
-    return {"platform": platform, "topology": topology, "num_devices": len(devices), "compiled": compiled}
+    from llmx import config as config_lib
+    from llmx import optim
+
+    cfg = config_lib.load(None, ["optim.impl=pallas", "optim.name=lamb"]).optim
+    params = {key: jax.ShapeDtypeStruct(shape, jnp.bfloat16) for key, shape in AOT_SHAPES.items()}
+    param_specs = {key: zero_spec(shape) for key, shape in AOT_SHAPES.items()}
+    tx, _ = optim.build(cfg, 100, mesh=mesh, state_specs=param_specs)
+    hlo = _compile_update(tx, params, param_specs, mesh, shard_params=True).as_text()
+    trainer = {"impl": optim.fused_impl(mesh), "kernel_calls": hlo.count(KERNEL_MARKERS[platform])}
+    return {
+        "platform": platform,
+        "topology": topology,
+        "num_devices": len(devices),
+        "compiled": compiled,
+        "llmx_optim": trainer,
+    }
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Fused Pallas optimizers (interpret mode on CPU) against optax, unsharded and ZeRO-sharded."""
 
 import importlib.util
+import inspect
 import os
 from pathlib import Path
 
@@ -60,6 +61,14 @@ def pallas_tx(name: str, **overrides) -> optax.GradientTransformation:
     return factory(LR, **kwargs, block_sizes=SMALL_BLOCKS, interpret=True, **overrides)
 
 
+def reference_tx(name: str, **overrides) -> optax.GradientTransformation:
+    _, reference, _, kwargs = OPTIMIZERS[name]
+    return reference(LR, **kwargs, **overrides)
+
+
+TRANSFORMATIONS = {"pallas": pallas_tx, "reference": reference_tx}
+
+
 def run(tx, params, grads, *, param_shardings=None, state_shardings=None):
     """STEPS jitted steps of update + apply_updates; returns (params, state)."""
 
@@ -101,8 +110,7 @@ def test_pallas_matches_optax(name, optax_results):
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_reference_matches_optax(name, optax_results):
-    _, reference, _, kwargs = OPTIMIZERS[name]
-    params, _ = run(reference(LR, **kwargs), make_tree(0), grad_sequence())
+    params, _ = run(reference_tx(name), make_tree(0), grad_sequence())
     assert_trees_close(params, optax_results[name], **FP32_TOL)
 
 
@@ -137,13 +145,15 @@ def state_specs(state, param_specs):
     )
 
 
+@pytest.mark.parametrize("impl", TRANSFORMATIONS)
 @pytest.mark.parametrize("zero_stage", [1, 3])
 @pytest.mark.parametrize("name", ["adamw", "sgd_nesterov", "lamb"])
-def test_sharded_matches_optax(name, zero_stage, mesh, optax_results):
+def test_sharded_matches_optax(name, zero_stage, impl, mesh, optax_results):
+    """The kernels (interpreted) and their jnp reference, each device updating its shard under shard_map."""
     params = make_tree(0)
     param_specs = {key: zero_spec(x.shape) for key, x in params.items()}
     assert param_specs["matrix"] == PartitionSpec("fsdp") and param_specs["cols"] == PartitionSpec(None, "fsdp")
-    tx = pallas_tx(name, mesh=mesh, param_specs=param_specs)
+    tx = TRANSFORMATIONS[impl](name, mesh=mesh, param_specs=param_specs)
     # ZeRO-1: params (and grads) replicated, state split. ZeRO-3: everything split.
     param_shardings = {
         key: NamedSharding(mesh, spec if zero_stage == 3 else PartitionSpec()) for key, spec in param_specs.items()
@@ -242,6 +252,22 @@ def test_schedules_as_learning_rate_and_weight_decay():
     assert_trees_close(ours, expected, **FP32_TOL)
     ours, _ = run(pallas_kernels.sgd(learning_rate, 0.9, block_sizes=SMALL_BLOCKS, interpret=True), params, grads)
     assert_trees_close(ours, run(optax.sgd(learning_rate, 0.9), params, grads)[0], **FP32_TOL)
+
+
+def test_factories_keep_optax_signatures():
+    """One factory builds every optimizer with optax's names and defaults (optax's dtype options left out)."""
+    for name, (factory, reference, optax_factory, _) in OPTIMIZERS.items():
+        theirs = inspect.signature(optax_factory).parameters
+        for impl, ours in (("pallas", inspect.signature(factory)), ("reference", inspect.signature(reference))):
+            hyper = [p for p in ours.parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+            assert [p.name for p in hyper] == [p for p in theirs if p in ours.parameters], (name, impl)
+            assert all(p.default == theirs[p.name].default for p in hyper), (name, impl)
+            assert ("interpret" in ours.parameters) == (impl == "pallas")
+    tx = pallas_kernels.sgd(LR, 0.9, True, block_sizes=SMALL_BLOCKS, interpret=True)  # positional, like optax.sgd
+    ours, _ = run(tx, make_tree(0), grad_sequence())
+    assert_trees_close(ours, run(optax.sgd(LR, 0.9, True), make_tree(0), grad_sequence())[0], **FP32_TOL)
+    with pytest.raises(TypeError, match="interpret"):
+        pallas_kernels.adamw_reference(LR, interpret=True)
 
 
 @pytest.mark.parametrize("name", ["adamw", "lamb"])

@@ -59,8 +59,9 @@ def test_resume_continues_with_the_same_losses(tmp_path, data_dir):
 
 @pytest.mark.parametrize("name", ["adamw", "lamb"])
 def test_pallas_optimizer_trains_like_optax(name, tmp_path, data_dir):
-    """20 steps with the fused Pallas kernels (interpreted on CPU) under ZeRO-3 on 8 devices equal the
-    optax run of the same layout."""
+    """20 steps with optim.impl=pallas under ZeRO-3 on 8 devices equal the optax run of the same layout.
+    On CPU devices that trains with the fused optimizers' jnp reference, under shard_map like the
+    kernels (tests/test_optim.py checks the choice and the interpreted kernels against it)."""
     common = ["train.steps=20", "mesh.data=1", "mesh.fsdp=8", "mesh.zero_stage=3", "train.micro_batch_size=2",
               f"optim.name={name}", "optim.weight_decay=0.1"]
     optax_run = train(small_config(tmp_path / "optax", data_dir, *common, "optim.impl=optax")).losses

@@ -22,13 +22,13 @@ from llmx import attention as attention_lib
 from llmx.attention import attention_mask, masked_attention
 from llmx.config import ModelConfig
 from llmx.mesh import traced_platform
-from llmx.precision import DOT, PROJECTION, einsum
+from llmx.matmul import DOT, PROJECTION, einsum
 
 # Parameters are placed on devices by jit out_shardings derived from their logical axes (llmx.mesh),
 # not eagerly at creation, so building a model never needs a mesh.
 nnx.use_eager_sharding(False)
 
-# model.remat -> the policy applied to each layer, by the names llmx.precision.einsum gives every matmul's
+# model.remat -> the policy applied to each layer, by the names llmx.matmul.einsum gives every matmul's
 # output (jax's dots_saveable policies would miss the bf16 matmuls, which sit inside custom VJPs).
 _policies = jax.checkpoint_policies
 REMAT_POLICIES = {

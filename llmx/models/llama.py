@@ -19,7 +19,7 @@ from llmx.errors import ConfigError
 from llmx.mesh import constrain
 from llmx.models.family import Family, HFMapping, HFTensors
 from llmx.models.layers import MLP, Attention, KVCache, RMSNorm, compute_dtype, normal_param, run_layers
-from llmx.precision import einsum
+from llmx.matmul import einsum
 
 
 class Block(nnx.Module):
