@@ -119,12 +119,25 @@ def _like(value, default, where: str):
     return value
 
 
+def closest_key(path: str, paths: list[str]) -> str | None:
+    """The config key a mistyped path most likely meant: a key spelled by the path's initials
+    (optim.learning_rate -> optim.lr), else the most similar spelling."""
+    section, _, key = path.partition(".")
+    initials = "".join(word[:1] for word in key.split("_"))
+    for candidate in paths:
+        c_section, _, c_key = candidate.partition(".")
+        if c_section == section and len(initials) > 1 and c_key == initials:
+            return candidate
+    close = difflib.get_close_matches(path, paths, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
 def parse_param(path: str, raw: Any, base: Config) -> Param:
     where = f"sweep.space.{path}"
     paths = config_paths(base)
     if path not in paths:
-        close = difflib.get_close_matches(path, list(paths), n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]}?" if close else "; parameters are config keys like optim.lr"
+        close = closest_key(path, list(paths))
+        hint = f"; did you mean {close}?" if close else "; parameters are config keys like optim.lr"
         raise ConfigError(f"{where}: unknown config key '{path}'{hint}")
     if not (isinstance(raw, dict) and len(raw) == 1 and next(iter(raw)) in KINDS):
         raise ConfigError(f"{where} must be one of {{{': ..., '.join(KINDS)}: ...}}, e.g. {{log_uniform: [1e-4, 1e-2]}}")
