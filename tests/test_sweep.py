@@ -228,7 +228,8 @@ def test_a_pruned_trial_is_stopped_with_its_process_group(tmp_path, data_dir, su
     # Grid order with seed 0 is (3e-3, 1e-6): the good run completes first, the slow one is measured against it.
     path = write_sweep(tmp_path / "s.yaml", data_dir, {
         "space": {"optim.lr": {"grid": [1e-6, 3e-3]}}, "sampler": "grid", "pruner": "median",
-        "startup_trials": 1, "dir": "out"}, "train.steps=400", "train.eval_every=5", "train.log_every=5")
+        "startup_trials": 1, "devices_per_trial": 1, "dir": "out"}, "train.steps=400", "train.eval_every=5",
+        "train.log_every=5")
     run_sweep(path, subprocess_env)
     _, rows = read_results(tmp_path / "out")
     assert [float(r["optim.lr"]) for r in rows] == [3e-3, 1e-6] and rows[0]["state"] == "COMPLETE"
@@ -242,8 +243,8 @@ def test_a_pruned_trial_is_stopped_with_its_process_group(tmp_path, data_dir, su
 @pytest.mark.slow
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, data_dir, subprocess_env):
     path = write_sweep(tmp_path / "s.yaml", data_dir, {
-        "space": {"optim.lr": {"grid": [1e-3, 3e-3, 1e-2]}}, "sampler": "grid", "dir": "out"},
-        "train.steps=400", "train.eval_every=50", "train.log_every=5", "checkpoint.every=10")
+        "space": {"optim.lr": {"grid": [1e-3, 3e-3, 1e-2]}}, "sampler": "grid", "devices_per_trial": 1, "dir": "out"},
+        "train.steps=150", "train.eval_every=50", "train.log_every=5", "checkpoint.every=10")
     sweep = subprocess.Popen([PYTHON, "-m", "llmx.sweep", "--config", str(path)], cwd=tmp_path, env=subprocess_env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second = tmp_path / "out/trials/0001/metrics.jsonl"
@@ -260,7 +261,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, data
     assert (tmp_path / "out/trials/0000/metrics.jsonl").read_bytes() == first  # not rerun
     records = [json.loads(x) for x in second.read_text().splitlines()]
     assert [r["step"] for r in records if "eval_loss" in r].count(0) == 1  # resumed from its checkpoint
-    assert (tmp_path / "out/trials/0001/train.log").read_text().count("per-device state") == 2 and records[-1]["step"] == 400
+    assert (tmp_path / "out/trials/0001/train.log").read_text().count("per-device state") == 2 and records[-1]["step"] == 150
 
 
 @pytest.mark.slow
@@ -321,3 +322,10 @@ def test_system_mode_for_a_tpu_slice_drops_what_does_not_fit():
     assert rows[3]["fits"] == "True" and float(rows[3]["estimated_ms"]) > 0 and not rows[3]["measured_ms"]
     best = config_lib.load(out / "best.yaml")
     assert best.mesh.zero_stage == 3 and best.mesh.fsdp == 4 and best.model.remat == "full"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("sweep_*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_config_loads(path):
+    base, spec, name = spec_lib.load(path)
+    spec_lib.check_hyper(spec)
+    assert spec.space and name == path.stem and base.train.steps > 0
