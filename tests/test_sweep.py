@@ -285,17 +285,22 @@ def test_ray_backend_runs_three_trials(tmp_path, data_dir, subprocess_env):
 
 @pytest.mark.slow
 def test_system_mode_on_the_cpu_mesh_times_the_best_and_writes_best_yaml(tmp_path, subprocess_env):
-    args = ["--mode", "system", "--config", str(REPO / "configs/tiny.yaml"), "sweep.system.mesh=[[8,1,1],[1,8,1]]",
-            "sweep.system.zero_stage=[0,3]", "sweep.system.remat=[none]", "sweep.system.measure=2",
-            "sweep.system.measure_steps=2", f"sweep.dir={tmp_path / 'sys'}"]
+    # 2 sequences per replica keep the timed steps short; the model is tiny.yaml's
+    args = ["--mode", "system", "--config", str(REPO / "configs/tiny.yaml"), "train.micro_batch_size=2",
+            "sweep.system.mesh=[[8,1,1],[1,8,1]]", "sweep.system.zero_stage=[0,3]", "sweep.system.remat=[none]",
+            "sweep.system.micro_batch_size=[2]", "sweep.system.measure=2", "sweep.system.measure_steps=2",
+            f"sweep.dir={tmp_path / 'sys'}"]
     proc = subprocess.run([PYTHON, "-m", "llmx.sweep", *args], cwd=tmp_path, env=subprocess_env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "sys/system.csv")))
-    # data=8: micro batch 8 or 4 (x2 accumulation), stage 0 only; fsdp=8: the same x stages 0 and 3
-    assert len(rows) == 6 and all(r["fits"] == "True" and float(r["estimated_ms"]) > 0 for r in rows)
+    # data=8: stage 0 only (no fsdp group to shard over); fsdp=8: stages 0 and 3
+    assert len(rows) == 3 and all(r["fits"] == "True" and float(r["estimated_ms"]) > 0 for r in rows)
+    assert {(r["data"], r["zero_stage"]) for r in rows} == {("8", "0"), ("1", "0"), ("1", "3")}
     measured = [r for r in rows if r["measured_ms"]]
+    # the same FLOPs everywhere: the two steps with the fewest collectives are timed
     assert len(measured) == 2 and rows[0] in measured
+    assert max(int(r["collectives"]) for r in measured) <= min(int(r["collectives"]) for r in rows if r not in measured)
     assert float(rows[0]["measured_ms"]) == min(float(r["measured_ms"]) for r in measured)
     best = config_lib.load(tmp_path / "sys/best.yaml")
     assert (best.mesh.data, best.mesh.fsdp, best.mesh.zero_stage, best.train.micro_batch_size) == (

@@ -11,7 +11,8 @@ The estimate is the plan's roofline (the slower of peak FLOP/s and HBM bandwidth
 activation checkpointing repeats: `full` recomputes the forward pass, 8 FLOPs per weight and token
 instead of 6 (Chen et al. 2016; Korthikanti et al. 2022, §4); the `dots_*` policies save every matmul
 output and recompute only elementwise work, counted as free. On the local CPU there is no data-sheet
-chip: the estimate is the total model FLOPs over the measured CPU peak, and real timing decides.
+chip: the estimate is the total model FLOPs over the measured CPU peak, and real timing decides. Ties
+go to the compiled step with fewer collectives (the roofline does not model communication).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from llmx.train import enable_compilation_cache
 log = logging.getLogger("llmx.sweep")
 RECOMPUTE = {"none": 1.0, "full": 8 / 6, "dots_saveable": 1.0, "dots_with_no_batch_dims_saveable": 1.0, "offload": 1.0}
 COLUMNS = ("data", "fsdp", "tensor", "zero_stage", "micro_batch_size", "grad_accum_steps", "remat", "fits",
-           "peak_gib", "estimated_ms", "measured_ms", "tokens_per_second", "note")
+           "peak_gib", "collectives", "estimated_ms", "measured_ms", "tokens_per_second", "note")
 
 
 @dataclasses.dataclass
@@ -82,7 +83,7 @@ def candidates(base: Config, space: spec_lib.SystemSpace, n_devices: int) -> lis
             except ConfigError as e:
                 raise ConfigError(f"sweep.system: {e}") from None
             row = {"data": data, "fsdp": fsdp, "tensor": tensor, "zero_stage": stage, "micro_batch_size": mbs,
-                   "grad_accum_steps": accum, "remat": remat, "fits": None, "peak_gib": None,
+                   "grad_accum_steps": accum, "remat": remat, "fits": None, "peak_gib": None, "collectives": None,
                    "estimated_ms": None, "measured_ms": None, "tokens_per_second": None, "note": ""}
             out.append(Candidate(cfg, row))
     if not out:
@@ -108,6 +109,7 @@ def assess(c: Candidate, *, target: str, devices) -> None:
     r = c.row
     compiled = p.get("compiled_bytes", {}).get("peak_estimate")
     r["peak_gib"] = round(compiled / 2**30, 3) if compiled else None
+    r["collectives"] = sum(p["collectives"].values()) if "collectives" in p else None
     flops = p["model_flops_per_step_per_device"] * RECOMPUTE[r["remat"]]
     if "memory" in p:  # a chip with a data sheet: HBM verdict and the roofline
         r["fits"] = bool(p["memory"]["fits"])
@@ -139,8 +141,10 @@ def autotune(config: str | None, overrides: list[str], *, target: str = "current
         assess(c, target=target, devices=devices)
         log.info("[%d/%d] %s: %s", i + 1, len(tried), c.label,
                  f"~{c.row['estimated_ms']:.1f} ms" if c.row["estimated_ms"] is not None else c.row["note"])
+    # Ties (the roofline ignores communication; on CPU every layout has the same FLOPs) go to the step
+    # with fewer collectives, then to the one with less memory.
     ranked = sorted((c for c in tried if c.row["estimated_ms"] is not None),
-                    key=lambda c: (c.row["estimated_ms"], c.row["peak_gib"] or 0))
+                    key=lambda c: (c.row["estimated_ms"], c.row["collectives"] or 0, c.row["peak_gib"] or 0))
     if target == "current":
         for c in ranked[:space.measure]:
             m = measure_train_step(c.cfg, steps=space.measure_steps, warmup=1)
