@@ -16,13 +16,14 @@ import argparse
 import csv
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 from llmx.sweep.command import hyper_search
 
-GRID_LR = [1e-3, 3e-3, 1e-2, 3e-2]
-GRID_WARMUP = [0, 5, 10, 20]
+GRID_LR = [1e-3, 2e-3, 4e-3, 8e-3]
+GRID_WARMUP = [0, 5, 10, 15]
 
 
 def trial_steps(sweep_dir: Path) -> tuple[int, float | None, int]:
@@ -35,14 +36,19 @@ def trial_steps(sweep_dir: Path) -> tuple[int, float | None, int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="sweeps/bench", help="the two sweep directories go here")
-    parser.add_argument("--steps", type=int, default=60, help="train.steps of every trial")
-    parser.add_argument("--eval-every", type=int, default=10, help="evaluations: ASHA's rungs fall on them")
-    parser.add_argument("--micro-batch-size", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=80, help="train.steps of every trial")
+    parser.add_argument("--eval-every", type=int, default=20,
+                        help="evaluations; ASHA's rungs fall on them (the first after the longest warmup)")
+    parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--tpe-trials", type=int, default=12)
-    parser.add_argument("--parallel", type=int, default=1, help="trials at once (each gets its share of devices)")
+    parser.add_argument("--parallel", type=int, default=2,
+                        help="trials at once, one simulated CPU device each (overlaps their start-up)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # CPU devices to split between parallel trials; set before anything reads it (the sweep does)
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.parallel}"
     out = Path(args.out)
     run = [f"train.steps={args.steps}", f"train.eval_every={args.eval_every}", "train.sample_tokens=0",
            f"train.micro_batch_size={args.micro_batch_size}", "train.log_every=5", f"checkpoint.every={args.steps}",
