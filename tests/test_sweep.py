@@ -25,7 +25,7 @@ from llmx import config as config_lib
 from llmx.cli import run as run_cli
 from llmx.sweep import command, devices as devices_lib, spec as spec_lib, system
 from llmx.sweep.study import Driver, open_study
-from llmx.sweep.trial import group_members
+from llmx.sweep.trial import group_members, last_error_line
 
 COLUMNS = ["trial", "state", "optim.lr", "best_eval_loss", "final_eval_loss", "steps", "wall_seconds", "error", "dir"]
 
@@ -124,6 +124,37 @@ def test_tpe_samples_inside_the_box_and_reports_intermediate_values(tmp_path, da
         assert 1e-4 <= t.params["optim.lr"] <= 1e-1 and isinstance(t.params["optim.warmup_steps"], int)
         assert sorted(t.intermediate_values) == [10, 20]  # the evaluations read from metrics.jsonl
         assert t.value == t.intermediate_values[20] and t.user_attrs["steps"] == 20
+
+
+class _CrashingBackend(_Backend):
+    """lr=1e-3 trials exit with status 2 before writing any metrics."""
+
+    def launch(self, trial_dir, slot):
+        handle = super().launch(trial_dir, slot)
+        if yaml.safe_load((trial_dir / "config.yaml").read_text())["optim"]["lr"] == 1e-3:
+            (trial_dir / "train.log").write_text("12:00:00 mesh ...\nerror: data.source='x' matches no files\n")
+            handle.poll = lambda: ([], 2)
+            handle.error_line = lambda: last_error_line(trial_dir / "train.log")
+        return handle
+
+
+def test_a_crashed_trial_fails_with_its_last_error_line_and_the_sweep_goes_on(tmp_path, data_dir):
+    path = write_sweep(tmp_path / "s.yaml", data_dir, {"sampler": "grid", "space": {"optim.lr": {"grid": [1e-3, 1e-2]}}},
+                       "train.steps=20")
+    base, spec, name = spec_lib.load(path)
+    study = open_study(spec, base, tmp_path, name)
+    Driver(study, spec, base, tmp_path, _CrashingBackend()).run()
+    by_lr = {t.params["optim.lr"]: t for t in study.get_trials()}
+    assert by_lr[1e-3].state == optuna.trial.TrialState.FAIL
+    assert by_lr[1e-3].user_attrs["error"] == "error: data.source='x' matches no files"
+    assert by_lr[1e-2].state == optuna.trial.TrialState.COMPLETE
+
+
+def test_last_error_line_finds_the_exception_of_a_traceback(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text("Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: bad shape\n\n"
+                   "I0000 some C++ log line\n")
+    assert last_error_line(log) == "ValueError: bad shape"
 
 
 def test_the_system_space_keeps_the_global_batch():

@@ -206,6 +206,9 @@ class Driver:
         final = run.values.get(self.base.train.steps)
         if status == 0 and final is not None:
             self._tell(run, TrialState.COMPLETE, value=final)
+        elif status == 0 and run.last_step >= self.base.train.steps:
+            self._tell(run, TrialState.FAIL, error=f"metrics.jsonl has no {self.spec.metric} at step {run.last_step}; "
+                       "set sweep.metric to a key the trainer writes (eval_loss, loss, ...)")
         elif status == 0:
             self._tell(run, TrialState.FAIL, error=f"the trainer stopped at step {run.last_step} of {self.base.train.steps}")
         else:

@@ -20,14 +20,13 @@ from pathlib import Path
 LOG = "train.log"
 PGID_FILE = "pgid"
 _PR_SET_PDEATHSIG = 1
+# Looked up now: between fork and exec (where _die_with_parent runs) loading a library could deadlock.
+_PRCTL = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None) if sys.platform.startswith("linux") else None
 
 
 def _die_with_parent() -> None:
     """Runs in the child between fork and exec: SIGTERM when the sweep (the parent) dies."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class MetricsTail:
@@ -77,7 +76,7 @@ class TrialProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llmx.train", "--config", str(self.trial_dir / "config.yaml")],
             cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            start_new_session=True, preexec_fn=_die_with_parent if _PRCTL is not None else None,
         )
         self.pgid = self.proc.pid  # a new session's leader: its pid is the group id
         (self.trial_dir / PGID_FILE).write_text(str(self.pgid))
