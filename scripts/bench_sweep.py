@@ -43,6 +43,8 @@ def main() -> int:
     parser.add_argument("--tpe-trials", type=int, default=12)
     parser.add_argument("--parallel", type=int, default=2,
                         help="trials at once, one simulated CPU device each (overlaps their start-up)")
+    parser.add_argument("--only", choices=("grid", "tpe_asha"),
+                        help="run one search (e.g. both at once in two processes); the comparison reads the other's results.csv")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
@@ -62,11 +64,16 @@ def main() -> int:
     }
     result = {"steps_per_trial": args.steps, "eval_every": args.eval_every, "micro_batch_size": args.micro_batch_size}
     for name, overrides in searches.items():
-        t0 = time.perf_counter()
-        hyper_search("configs/tiny.yaml", [*run, *overrides, f"sweep.dir={out / name}"])
+        if args.only in (None, name):
+            t0 = time.perf_counter()
+            hyper_search("configs/tiny.yaml", [*run, *overrides, f"sweep.dir={out / name}"])
+            result[name] = {"wall_seconds": round(time.perf_counter() - t0, 1)}
+    for name in searches:
+        if not (out / name / "results.csv").is_file():
+            print(f"{name}: no results in {out / name} yet")
+            return 1
         steps, best, trials = trial_steps(out / name)
-        result[name] = {"trials": trials, "trial_steps": steps, "best_eval_loss": best,
-                        "wall_seconds": round(time.perf_counter() - t0, 1)}
+        result.setdefault(name, {"wall_seconds": None}).update(trials=trials, trial_steps=steps, best_eval_loss=best)
     grid, tpe = result["grid"], result["tpe_asha"]
     result["loss_ratio"] = tpe["best_eval_loss"] / grid["best_eval_loss"]
     result["steps_ratio"] = tpe["trial_steps"] / grid["trial_steps"]
@@ -76,8 +83,9 @@ def main() -> int:
     else:
         for name in searches:
             r = result[name]
+            wall = f"  ({r['wall_seconds']:.0f} s)" if r["wall_seconds"] is not None else ""
             print(f"{name:9s} {r['trials']:3d} trials  {r['trial_steps']:5d} trial-steps  best eval loss "
-                  f"{r['best_eval_loss']:.4f}  ({r['wall_seconds']:.0f} s)")
+                  f"{r['best_eval_loss']:.4f}{wall}")
         print(f"TPE+ASHA / grid: eval loss {result['loss_ratio']:.4f}x, trial-steps {result['steps_ratio']:.1%} "
               f"-> {'holds' if result['claim_holds'] else 'does NOT hold'} (<= 1.01x with <= 40 %)")
     return 0 if result["claim_holds"] else 1
