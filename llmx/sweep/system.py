@@ -65,7 +65,8 @@ def layouts(n_devices: int, base: Config) -> list[tuple[int, int, int]]:
 
 
 def candidates(base: Config, space: spec_lib.SystemSpace, n_devices: int) -> list[Candidate]:
-    dp_base = math.prod(mesh_lib.mesh_shape(base.mesh, n_devices)[a] for a in mesh_lib.BATCH_AXES)
+    shape = mesh_lib.mesh_shape(base.mesh, n_devices)
+    dp_base = shape["data"] * shape["fsdp"]  # the batch is split over data x fsdp
     global_batch = base.train.micro_batch_size * base.train.grad_accum_steps * dp_base
     out = []
     for data, fsdp, tensor in [tuple(m) for m in space.mesh] or layouts(n_devices, base):
