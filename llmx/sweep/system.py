@@ -24,6 +24,7 @@ import logging
 import math
 from pathlib import Path
 
+from llmx import axes
 from llmx import mesh as mesh_lib
 from llmx import targets
 from llmx.benchmark import measure_train_step
@@ -66,7 +67,7 @@ def layouts(n_devices: int, base: Config) -> list[tuple[int, int, int]]:
 
 def candidates(base: Config, space: spec_lib.SystemSpace, n_devices: int) -> list[Candidate]:
     shape = mesh_lib.mesh_shape(base.mesh, n_devices)
-    dp_base = shape["data"] * shape["fsdp"]  # the batch is split over data x fsdp
+    dp_base = axes.data_parallel_size(shape)
     global_batch = base.train.micro_batch_size * base.train.grad_accum_steps * dp_base
     out = []
     for data, fsdp, tensor in [tuple(m) for m in space.mesh] or layouts(n_devices, base):
