@@ -64,6 +64,23 @@ class ModelConfig:
         "projections' outputs, or those moved to host memory (offload; TPU/GPU, in place on CPU)",
     )
 
+    quantization: str = _field(
+        "none",
+        choices=("none", "int8", "fp8"),
+        help="quantization-aware training of the projections: int8 (weights and activations fake-quantised, "
+        "straight-through gradients) or fp8 (e4m3 forward, e5m2 gradients, current scaling); master "
+        "weights stay param_dtype",
+    )
+    weight_format: str = _field(
+        "float",
+        choices=("float", "int8", "int4", "fp8"),
+        help="how matmul weights are stored: float (param_dtype) or quantized by llmx.quantize "
+        "(a scale per output channel; not trainable)",
+    )
+    weight_group: int = _field(
+        0, min=0, help="quantized weights: weights per scale along the contracted axis (0: per output channel)"
+    )
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads

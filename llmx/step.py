@@ -23,6 +23,7 @@ from llmx import mesh as mesh_lib
 from llmx import models, optim
 from llmx.config import Config
 from llmx.loss_scaling import LossScaler, loss_scaler
+from llmx.quantization import stored_builder
 
 
 @flax.struct.dataclass
@@ -128,7 +129,8 @@ class Steps:
 
 def build_steps(cfg: Config, mesh: Mesh) -> Steps:
     """The optimizer, the state's shardings and the jitted step functions for `cfg` on `mesh`."""
-    build = models.get(cfg.model.family).build
+    # model.weight_format: matmul weights stored quantized (a run written by llmx.quantize)
+    build = stored_builder(models.get(cfg.model.family).build, cfg.model.weight_format, cfg.model.weight_group)
     abstract_model = nnx.eval_shape(lambda: build(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     stage = cfg.mesh.zero_stage

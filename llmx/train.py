@@ -25,6 +25,7 @@ from llmx import mesh as mesh_lib
 from llmx.checkpoint import Checkpointer, initial_state
 from llmx.cli import run as run_cli
 from llmx.config import Config
+from llmx.errors import ConfigError
 from llmx.evaluate import build_eval_sets
 from llmx.flops import flops_per_token, peak_flops
 from llmx.loop import Hook, LoopState, RunSummary
@@ -73,6 +74,9 @@ def global_batches(train_iter, shardings: dict, *, accum: int) -> Iterator[dict]
 def train(cfg: Config, *, devices=None) -> RunSummary:
     """Trains as configured; returns what the run did (losses, eval losses, the sample, ...)."""
     t_start = time.perf_counter()
+    if cfg.model.weight_format != "float":
+        raise ConfigError(f"model.weight_format={cfg.model.weight_format}: quantized weights are for llmx.evaluate and "
+                          "llmx.generate; train the float run they came from (model.quantization trains quantization-aware)")
     enable_compilation_cache(cfg.train.compilation_cache_dir)
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
