@@ -138,7 +138,8 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
     grad_sh = mesh_lib.weight_shardings(abstract_params, mesh, zero_stage=stage, role="grads")
     moment_sh = mesh_lib.weight_shardings(abstract_params, mesh, zero_stage=stage, role="opt_state")
     tx, lr_schedule = optim.build(
-        cfg.optim, cfg.train.steps, mesh=mesh, state_specs=jax.tree.map(lambda s: s.spec, moment_sh)
+        cfg.optim, cfg.train.steps, mesh=mesh, state_specs=jax.tree.map(lambda s: s.spec, moment_sh),
+        param_axes=nnx.get_partition_spec(abstract_params),
     )
 
     def init() -> TrainState:
