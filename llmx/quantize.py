@@ -14,12 +14,16 @@ output directory must not exist, and it appears only once complete (written besi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from llmx import models
@@ -28,7 +32,9 @@ from llmx.cli import run as run_cli
 from llmx.config import Config
 from llmx.errors import ConfigError
 from llmx.quantization import WEIGHT_TYPES, check_weights, quantize_model, stored_bytes
-from llmx.run import load_config, restore_run
+from llmx.generate import generate as generate_tokens
+from llmx.mesh import activation_sharding
+from llmx.run import RestoredRun, load_config, restore_run
 from llmx.step import build_steps
 
 DEFAULT_GROUPS = {"int4": 32}  # int8 and fp8: a scale per output channel
@@ -103,6 +109,43 @@ def quantize_run(*, run_dir: str, weight_format: str, group: int | None = None, 
         raise
     report["out"] = str(out_dir)
     return report
+
+
+def agreement(source: RestoredRun, quantized: RestoredRun, prompts: Sequence[Sequence[int]], *,
+              new_tokens: int) -> dict:
+    """Greedy-token agreement of a quantized run with its source over `new_tokens` per prompt (each
+    prompt alone, so no padding): `teacher_forced`, the share of positions of the source's greedy
+    continuation where the quantized model's greedy choice (over the same prefix) is the source's own;
+    `free_running`, the share of positions where two independent greedy decodes agree."""
+    def continuation(run, ids):
+        (new,) = generate_tokens(run.params, run.steps.graphdef, [ids], max_new_tokens=new_tokens,
+                          max_len=run.cfg.model.seq_len, eos_id=None, mesh=run.steps.mesh)
+        return new
+
+    def greedy_choices(run, ids):  # the model's argmax after every prefix of `ids`
+        with activation_sharding(run.steps.mesh):
+            logits = _forward(run.params, np.asarray([ids], np.int32), graphdef=run.steps.graphdef)
+        return np.asarray(logits)
+
+    same_forced = same_free = total = 0
+    for ids in prompts:
+        ids = list(ids)
+        reference = continuation(source, ids)
+        full = ids + reference[:-1]  # the prefixes that produced each reference token
+        forced_source = greedy_choices(source, full)[len(ids) - 1:]
+        forced_quantized = greedy_choices(quantized, full)[len(ids) - 1:]
+        free = continuation(quantized, ids)
+        n = min(len(reference), len(free))
+        same_forced += int((forced_quantized == forced_source).sum())
+        same_free += sum(a == b for a, b in zip(reference[:n], free[:n]))
+        total += len(reference)
+    return {"teacher_forced": same_forced / total, "free_running": same_free / total, "tokens": total}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _forward(params, tokens, *, graphdef):
+    """Greedy tokens (T,) after every prefix of one row of tokens (1, T)."""
+    return jnp.argmax(nnx.merge(graphdef, params)(tokens)[0], axis=-1)
 
 
 def main(argv: list[str] | None = None) -> int:
