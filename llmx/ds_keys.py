@@ -66,7 +66,7 @@ INT, NUM, BOOL, STR = (int,), (int, float), (bool,), (str,)
 
 OFFLOAD_OPTIMIZER = {
     "device": mapped(str, choices=("cpu", "none", "nvme"), lacks="optimizer offload to NVMe (ZeRO-Infinity)",
-                     on=lambda v: v == "nvme"),
+                     on=lambda v: str(v).lower() == "nvme"),
     "ratio": mapped(*NUM, lacks="partial optimizer offload (ratio < 1)", on=lambda v: v != 1),
     "super_offload": lacks("SuperOffload"),
     **dict.fromkeys(("nvme_path", "buffer_count", "pin_memory", "pipeline_read", "pipeline_write", "fast_init",
@@ -273,7 +273,7 @@ class Findings:
 
 def _closest(name: str, known) -> str:
     match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    if not match:  # e.g. a dropped word: compare case-insensitively, then by containment
+    if not match:  # a wrong case weighs heavily in difflib's ratio: compare case-insensitively too
         lowered = {k.lower(): k for k in known}
         match = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.5)
         match = [lowered[m] for m in match]
