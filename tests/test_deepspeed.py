@@ -18,6 +18,7 @@ from llmx import deepspeed, distributed, launch, optim
 from llmx.config.__main__ import main as config_main
 from llmx.deepspeed import DeepSpeedConfig
 from llmx.errors import ConfigError
+from llmx.mesh import mesh_shape
 from llmx.train import train
 
 DATA = REPO / "tests" / "data" / "deepspeed"
@@ -188,8 +189,6 @@ def test_precedence_llmx_config_then_ds_config_then_command_line(tmp_path):
 
 
 def test_mapping_of_mesh_precision_optimizer_and_checkpointing():
-    from llmx.mesh import mesh_shape
-
     hpz = translated({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 4}})
     assert mesh_shape(hpz.mesh, 8) == {"data": 2, "fsdp": 4, "tensor": 1} and hpz.mesh.zero_stage == 3
     mics = translated({"zero_optimization": {"stage": 3, "mics_shard_size": 2}})
