@@ -234,7 +234,7 @@ def _training(ds: dict, out: Translation) -> None:
     checkpointing = ds.get("activation_checkpointing")
     if checkpointing is not None:
         if checkpointing.get("cpu_checkpointing") is True:
-            out.set("model.remat", "offload", "activation_checkpointing.cpu_checkpointing: layer inputs to host memory")
+            out.set("model.remat", "offload", "activation_checkpointing.cpu_checkpointing: saved activations in host memory")
         else:
             out.set("model.remat", "full", "activation_checkpointing: recompute each layer, keep its input")
     profiler = ds.get("flops_profiler") or {}

@@ -129,8 +129,8 @@ def test_real_world_config_converts_trains_and_warns_exactly(name, model_yaml, t
         assert _value(cfg, key) == value, key
 
     summary = train(cfg)
-    losses = [summary["losses"][s] for s in (1, 2, 3)]
-    assert np.all(np.isfinite(losses)) and summary["skipped_steps"] < 3, (losses, summary["skipped_steps"])
+    losses = [summary.losses[s] for s in (1, 2, 3)]
+    assert np.all(np.isfinite(losses)) and summary.skipped_steps < 3, (losses, summary.skipped_steps)
     lrs = [m["lr"] for m in read_metrics(cfg.train.run_dir) if "lr" in m]
     np.testing.assert_allclose(lrs, [float(optim.schedule(cfg.optim, 3)(s)) for s in range(3)], rtol=1e-6)
     if cfg.train.csv_dir:  # DeepSpeed's csv_monitor layout: <dir>/<metric>.csv, header step,<metric>

@@ -126,7 +126,7 @@ TORCHRUN = shutil.which("torchrun", path=str(Path(PYTHON).parent))
 @pytest.fixture(scope="module")
 def one_process_losses(tmp_path_factory, data_dir):
     summary = one_process(LAUNCHED, tmp_path_factory.mktemp("one"), data_dir)
-    return [summary["losses"][s] for s in (1, 2, 3)]
+    return [summary.losses[s] for s in (1, 2, 3)]
 
 
 def _four_devices(env: dict) -> dict:
