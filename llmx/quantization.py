@@ -5,8 +5,8 @@ sharding (the ops below are plain jnp on whole logical arrays; the partitioner s
 matmul they feed).
 
 The arrays are Google's qwix `QArray`s (values, scales) made and read by its core ops
-(`qwix.quantize`, `qwix.dequantize`, `qwix.einsum`). qwix's model-level entry (`qwix.quantize_model`,
-which intercepts a module's matmuls and swaps parameters) is not used: it asserts on llmx's stacked
+(`qwix.quantize`, `qwix.dequantize`, `qwix.einsum`; integers on a symmetric grid, see `quantize`).
+qwix's model-level entry (`qwix.quantize_model`, which intercepts a module's matmuls and swaps parameters) is not used: it asserts on llmx's stacked
 `(layers, ...)` parameters and on weight x weight einsums (DESIGN §7), and its training op
 (`dot_general_qt`) is private to `qwix._src`. The few functions it would have given are below.
 
@@ -40,6 +40,18 @@ QArray = qwix.QArray
 WEIGHT_TYPES = {"int8": jnp.int8, "int4": jnp.int4, "fp8": jnp.float8_e4m3fn}
 # Axes a stacked weight carries besides its matrix: never contracted, always one scale per index.
 STACKED_AXES = ("layers", "expert")
+# Integer grids are used symmetrically, [-127, 127] and [-7, 7], as in AQT/MaxText. qwix's absmax maps
+# the largest magnitude to 127.5 (7.5), exactly a rounding tie, which two compilations of the same
+# division (one device vs. a sharded mesh) can round apart, so QAT gradients would differ between meshes.
+_INT_MAX = {jnp.dtype(jnp.int8): 127, jnp.dtype(jnp.int4): 7}
+
+
+def quantize(x: jax.Array, qtype, *, channelwise_axes=(), tiled_axes=None) -> QArray:
+    """qwix.quantize with absmax calibration, integer types on their symmetric grid (above)."""
+    int_max = _INT_MAX.get(jnp.dtype(qtype))
+    method = f"absmax,{(int_max + 0.5) / int_max!r}" if int_max else "absmax"
+    return qwix.quantize(x, qtype, channelwise_axes=channelwise_axes, tiled_axes=tiled_axes,
+                         calibration_method=method)
 
 
 # ---------------------------------------------------------------- stored (post-training) weights
@@ -79,7 +91,7 @@ def quantize_weight(value: jax.Array, logical_axes, *, weight_format: str, group
     contracted = contracted_axes(logical_axes)
     channels = tuple(i for i in range(value.ndim) if i not in contracted)
     tiles = {contracted[-1]: group} if group else None
-    return qwix.quantize(value, WEIGHT_TYPES[weight_format], channelwise_axes=channels, tiled_axes=tiles)
+    return quantize(value, WEIGHT_TYPES[weight_format], channelwise_axes=channels, tiled_axes=tiles)
 
 
 def _matmul_params(model: nnx.Module):
@@ -126,12 +138,14 @@ def take_rows(table, ids):
     return jnp.take(table, ids, axis=0)
 
 
-def stored_bytes(tree) -> int:
-    """Bytes of a tree of arrays as stored: int4 counts half a byte per value."""
+def stored_bytes(tree, *, per_device: bool = False) -> int:
+    """Bytes of a tree of arrays (or ShapeDtypeStructs) as stored, int4 counting half a byte per value;
+    with `per_device`, one device's share (each leaf's shard shape under its sharding)."""
     total = 0
     for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if per_device else leaf.shape
         bits = 4 if leaf.dtype == jnp.int4 else jnp.dtype(leaf.dtype).itemsize * 8
-        total += math.prod(leaf.shape) * bits // 8
+        total += math.prod(shape) * bits // 8
     return total
 
 
@@ -171,7 +185,7 @@ def fake_quant(x, qtype, channel_axes=()):
     """x rounded to `qtype`'s grid (absmax scale per `channel_axes` index, one per tensor if empty) in
     the forward pass, the identity in the backward pass: the straight-through estimator (Bengio et al.
     2013), as in AQT / qwix QAT."""
-    rounded = qwix.dequantize(qwix.quantize(x, qtype, channelwise_axes=channel_axes))
+    rounded = qwix.dequantize(quantize(x, qtype, channelwise_axes=channel_axes))
     return x + jax.lax.stop_gradient(rounded.astype(x.dtype) - x)
 
 
@@ -187,7 +201,7 @@ def _quantize_cotangent_fwd(y, qtype):
 
 
 def _quantize_cotangent_bwd(qtype, _, g):
-    return (qwix.dequantize(qwix.quantize(g, qtype)).astype(g.dtype),)
+    return (qwix.dequantize(quantize(g, qtype)).astype(g.dtype),)
 
 
 quantize_cotangent.defvjp(_quantize_cotangent_fwd, _quantize_cotangent_bwd)
@@ -229,5 +243,5 @@ def stored_einsum(spec: str, x, w: QArray, inner: Callable):
         return inner(spec, x, qwix.dequantize(w.astype(x.dtype)))
     a, b, out = _specs(spec)
     channels = _channel_axes(a, b, out) if act_type == jnp.int8 else ()
-    xq = qwix.quantize(x, act_type, channelwise_axes=channels)
+    xq = quantize(x, act_type, channelwise_axes=channels)
     return qwix.einsum(spec, xq, w, preferred_element_type=jnp.float32)

@@ -1,7 +1,8 @@
 """What post-training quantization buys and costs, per weight format.
 
-    python scripts/bench_quant.py [--run-dir runs/tiny] [--json]          # everything below
-    python scripts/bench_quant.py aot --target h100:1x1x8 [--config C]   # one AOT target (JSON)
+    python scripts/bench_quant.py [--run-dir runs/tiny] [--json]          # PTQ quality and AOT, below
+    python scripts/bench_quant.py quality | aot [--target h100:1x1x8]     # one of the two
+    python scripts/bench_quant.py qat [--run-dir runs/tiny]               # QAT runs beside the float one
 
 For the trained tiny run (`--run-dir`; trained with configs/tiny.yaml first if it has no checkpoint),
 each format (float, int8, int4, fp8) is written by `llmx.quantize` beside it and measured: parameter
@@ -16,6 +17,10 @@ LLMX_AOT_PYTHON (an environment with the tpu and gpu extras), and XLA's own anal
 bytes the step accesses (cost analysis; the CUDA compiler does not give one, so there the bytes of
 its arguments, outputs and temporaries from the memory analysis stand in) and its memory. A CPU
 cannot show an accelerator's speed-up, so no time is claimed here.
+
+`qat` trains configs/tiny.yaml (300 steps) with `model.quantization=int8` and `=fp8` beside the float
+run (RUN_DIR-qat-int8, RUN_DIR-qat-fp8) and compares their validation losses (llmx.evaluate on the
+same batches, each model in its own forward: the QAT ones fake-quantised) with the float run's.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ def aot_decode(config: str, overrides: list[str], *, target: str, weight_format:
     """XLA's analyses of one decode step of `config` for `target`, weights stored as `weight_format`."""
     from llmx import generate, targets
     from llmx.models.layers import KVCache, compute_dtype
-    from llmx.plan import per_device_bytes
+    from llmx.quantization import stored_bytes
     from llmx.step import build_steps
 
     cfg = config_lib.load(REPO / config, [*overrides, *SERVING, f"model.weight_format={weight_format}",
@@ -85,7 +90,7 @@ def aot_decode(config: str, overrides: list[str], *, target: str, weight_format:
     moved = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
     return {
         "target": target, "weight_format": weight_format, "group": group, "devices": mesh.size,
-        "mesh": dict(mesh.shape), "weight_bytes_per_device": per_device_bytes(params),
+        "mesh": dict(mesh.shape), "weight_bytes_per_device": stored_bytes(params, per_device=True),
         "bytes_accessed": cost.get("bytes accessed"),
         "memory": {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
                    "aliased": memory.alias_size_in_bytes, "temporaries": memory.temp_size_in_bytes,
@@ -174,15 +179,38 @@ def quality(run_dir: Path, *, new_tokens: int) -> dict:
     return {"run_dir": str(run_dir), "step": source.step, "formats": rows}
 
 
-def ensure_trained(run_dir: Path) -> None:
+def ensure_trained(run_dir: Path, *overrides: str) -> None:
+    """Trains configs/tiny.yaml into `run_dir` unless it has checkpoints already."""
     if not (run_dir / "checkpoints").is_dir():
         subprocess.run([sys.executable, "-m", "llmx.train", "--config", str(REPO / "configs/tiny.yaml"),
-                        f"train.run_dir={run_dir}", "train.progress=false"], check=True, cwd=REPO,
-                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+                        f"train.run_dir={run_dir.resolve()}", "train.progress=false", *overrides], check=True,
+                       cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def qat(run_dir: Path) -> dict:
+    """Validation loss of the QAT runs of configs/tiny.yaml beside the float run's."""
+    from llmx.evaluate import run_evaluation
+
+    rows = []
+    for mode in ("none", "int8", "fp8"):
+        out = run_dir if mode == "none" else run_dir.parent / f"{run_dir.name}-qat-{mode}"
+        ensure_trained(out, f"model.quantization={mode}")
+        run, (result,) = run_evaluation(run_dir=str(out))
+        rows.append({"quantization": mode, "run_dir": str(out), "step": run.step, "eval_loss": result.loss,
+                     "perplexity": result.perplexity})
+    for row in rows:
+        row["loss_change"] = row["eval_loss"] / rows[0]["eval_loss"] - 1
+    return {"qat": rows}
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{report['run_dir']} (step {report['step']})",
+    lines = []
+    for r in report.get("qat", []):
+        lines.append(f"QAT {r['quantization']:<5} {r['run_dir']} (step {r['step']}): eval loss {r['eval_loss']:.4f} "
+                     f"({r['loss_change']:+.2%} vs float), perplexity {r['perplexity']:.3f}")
+    if "formats" not in report:
+        return "\n".join(lines)
+    lines += [f"{report['run_dir']} (step {report['step']})",
              f"{'format':<10}{'params MiB':>11}{'ratio':>7}{'ckpt MiB':>10}{'eval loss':>11}{'change':>9}"
              f"{'ppl':>8}{'agree tf':>10}{'agree free':>11}"]
     for r in report["formats"]:
@@ -208,7 +236,7 @@ def format_report(report: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", nargs="?", default="all", choices=("all", "quality", "aot"))
+    parser.add_argument("mode", nargs="?", default="all", choices=("all", "quality", "aot", "qat"))
     parser.add_argument("--run-dir", default="runs/tiny", help="the trained float run (trained here if absent)")
     parser.add_argument("--target", action="append", help="AOT targets (default: v5e:2x2 and h100:1x1x8)")
     parser.add_argument("--models", default="tiny,llama_1b", help="AOT models: " + ", ".join(AOT_MODELS))
@@ -226,6 +254,8 @@ def main() -> int:
         print(json.dumps(rows))
         return 0
     report = {}
+    if args.mode == "qat":
+        report = qat(Path(args.run_dir))
     if args.mode in ("all", "quality"):
         run_dir = Path(args.run_dir)
         ensure_trained(run_dir)
