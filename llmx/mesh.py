@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 
 # logical axis -> mesh axes. Activations and weights share the table except for `embed`, which only
 # weights split (over fsdp, by ZeRO stage; see weight_rules): activations keep the full model width.
+# The layer stack is split over pipeline stages; outside the stack (embedding, logits, loss) the stages
+# split the rows as well, last, so that is a local slice of the batch axes' rows (`llmx.pipeline`).
 RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": axes.BATCH_AXES,
+    "batch": (*axes.BATCH_AXES, "pipeline"),
     "seq": None,
     "embed": None,
     "heads": "tensor",
@@ -37,7 +39,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "head_dim": None,
     "mlp": "tensor",
     "vocab": "tensor",
-    "layers": None,
+    "layers": "pipeline",
 }
 
 WEIGHT_ROLES = ("params", "grads", "opt_state")
@@ -76,11 +78,11 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     return Mesh(device_grid, axes.NAMES, axis_types=(AxisType.Auto,) * len(axes.NAMES))
 
 
-def logical_to_spec(logical_axes, shape, rules: dict, mesh: Mesh) -> P:
+def logical_to_spec(logical_axes, shape, rules: dict, mesh: Mesh, *, exclude=frozenset()) -> P:
     """A PartitionSpec for an array with these logical axes; a dimension its mesh axes do not divide
-    stays whole (e.g. 2 KV heads on tensor=4)."""
+    stays whole (e.g. 2 KV heads on tensor=4). Mesh axes in `exclude` are never used."""
     spec = []
-    used: set[str] = set()
+    used: set[str] = set(exclude)
     for name, dim in zip(logical_axes, shape):
         axes = rules.get(name) if name is not None else None
         if axes is None:
@@ -127,11 +129,16 @@ def traced_platform() -> str:
 
 
 def constrain(x, logical_axes):
-    """`with_sharding_constraint` by logical axis names; a no-op outside `activation_sharding`."""
+    """`with_sharding_constraint` by logical axis names; a no-op outside `activation_sharding`. Inside
+    a `shard_map` the axes it maps by hand (the pipeline's stages) are left out: each device already
+    holds its own block along them."""
     mesh = _ACTIVE_MESH.get()
     if mesh is None:
         return x
-    spec = logical_to_spec(logical_axes, x.shape, RULES, mesh)
+    context = jax.sharding.get_abstract_mesh()
+    if context.manual_axes:  # inside a shard_map the constraint is on its mesh, with those axes manual
+        mesh = context
+    spec = logical_to_spec(logical_axes, x.shape, RULES, mesh, exclude=context.manual_axes)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
