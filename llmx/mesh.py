@@ -1,8 +1,9 @@
 """The device mesh, the one table that maps logical axes to mesh axes, and the shardings of the
 train state it implies.
 
-Mesh axes come from `llmx.axes` (outermost first: `data` pure replicas, `fsdp` the ZeRO group, `tensor`
-Megatron). The batch is split over the batch axes (data, fsdp). The ZeRO stage decides which copies of
+Mesh axes come from `llmx.axes` (outermost first: `pipeline` stages, `data` pure replicas, `fsdp` the ZeRO
+group, `tensor` Megatron). The batch is split over the batch axes (data, fsdp); the layer stack over the
+pipeline stages (`llmx.pipeline`). The ZeRO stage decides which copies of
 the weights also split their `embed` axis over fsdp (Rajbhandari et al. 2020, ZeRO §5): stage 1 the
 optimizer state, stage 2 also the gradients, stage 3 also the parameters. With data > 1 that is hybrid
 sharding: ZeRO inside a group, replicas across groups (DeepSpeed's MiCS / hpZ).
@@ -79,8 +80,9 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
 
 
 def logical_to_spec(logical_axes, shape, rules: dict, mesh: Mesh, *, exclude=frozenset()) -> P:
-    """A PartitionSpec for an array with these logical axes; a dimension its mesh axes do not divide
-    stays whole (e.g. 2 KV heads on tensor=4). Mesh axes in `exclude` are never used."""
+    """A PartitionSpec for an array with these logical axes; a dimension split over the longest prefix of
+    its mesh axes that divides it, or whole (e.g. 2 KV heads on tensor=4). Mesh axes in `exclude` are
+    never used."""
     spec = []
     used: set[str] = set(exclude)
     for name, dim in zip(logical_axes, shape):
@@ -90,8 +92,9 @@ def logical_to_spec(logical_axes, shape, rules: dict, mesh: Mesh, *, exclude=fro
             continue
         axes = (axes,) if isinstance(axes, str) else tuple(axes)
         axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
-        size = math.prod(mesh.shape[a] for a in axes)
-        if not axes or dim % size:
+        while axes and dim % math.prod(mesh.shape[a] for a in axes):
+            axes = axes[:-1]  # the outer axes that divide it (rows over data, fsdp but not pipeline)
+        if not axes:
             spec.append(None)
             continue
         used.update(axes)

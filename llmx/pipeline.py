@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from llmx import axes
 from llmx import mesh as mesh_lib
 from llmx.config import Config
 from llmx.models.layers import REMAT_POLICIES, run_layers
@@ -59,10 +61,6 @@ class Schedule:
         """The share of stage-iterations spent idle: (S - 1) / (R*M + S - 1) (GPipe §2.2; / R circular)."""
         return (self.stages - 1) / self.iterations
 
-    def describe(self) -> str:
-        return (f"pipeline: {self.stages} stages x {self.repeats} repeats, {self.micro_batches} micro-batches, "
-                f"{self.iterations} iterations, bubble {self.bubble:.1%}")
-
 
 def schedule(cfg: Config, mesh: Mesh) -> Schedule | None:
     """The step's pipeline schedule on `mesh`, checked against the config's arithmetic; None without stages."""
@@ -84,7 +82,12 @@ def _iteration_policy(remat: str, platform: str):
     keep_input = jax.checkpoint_policies.save_only_these_names(STAGE_INPUT)
     if remat in ("none", "full"):
         return keep_input
-    return jax.checkpoint_policies.save_from_both_policies(keep_input, REMAT_POLICIES[remat](platform))
+    layer_policy = REMAT_POLICIES[remat](platform)
+
+    def policy(prim, *args, **params):  # either; the layer policy's answer may be "offload"
+        return True if keep_input(prim, *args, **params) else layer_policy(prim, *args, **params)
+
+    return policy
 
 
 def _to_micro(a, M: int):
@@ -103,34 +106,77 @@ def _index(tree, i):
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
 
 
+def _varying(a, names):
+    """`a` typed as varying over the manual axes `names` (a scan carry must keep one type)."""
+    missing = tuple(n for n in names if n not in jax.typeof(a).manual_axis_type.varying)
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+
+def _manual_part(spec: P, manual) -> P:
+    """The entries of `spec` that name manual axes (a shard_map's in_specs may name no other)."""
+    def keep(entry):
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        names = tuple(n for n in names if n in manual)
+        return None if not names else names[0] if len(names) == 1 else names
+
+    return P(*(keep(e) for e in spec))
+
+
+def _gather(w, spec: P, *, leading: int = 0):
+    """A weight gathered whole along every dimension `spec` splits over manual axes (ZeRO-3's gather; its
+    transpose reduce-scatters the gradient). `spec` is per layer; `leading` dimensions come before."""
+    for dim, names in enumerate(spec):
+        if names is not None:
+            w = jax.lax.all_gather(w, names, axis=leading + dim, tiled=True)
+    return w
+
+
 def run_pipeline(
     blocks: nnx.Module, layer_fn: Callable, carry: Any, *, scan: bool, remat: str,
-    sched: Schedule, mesh: Mesh, weight_rules: dict,
+    sched: Schedule, mesh: Mesh, param_rules: dict, gather_once: bool,
 ) -> Any:
     """The `llmx.models.layers.run_stack` contract on a pipelined mesh: `layer_fn(block, carry, None) ->
     (carry, None)` over every layer of `blocks` (Params stacked on a leading (L,) axis), `carry` a pytree
     of (N, ...) arrays whose N rows are the step's M micro-batches (`_to_micro`); returns the last carry.
-    `weight_rules` say how a stage's weights are laid out over the other axes while the loop runs (the
-    params' own rules, or with the weights gathered once, the rules without ZeRO-3's split)."""
+
+    The loop is manual over the stages and the batch axes: rows stay on their devices, each weight's
+    gradient is summed over the micro-batches where it is computed and reduced over the batch axes once,
+    at the end (where the partitioner, left to itself, all-reduced it in every iteration); the tensor
+    axis inside a stage is left to the partitioner. `param_rules` lay the weights out as the step holds
+    them; under ZeRO-3 a stage gathers its fsdp shards once, before the loop, and reduce-scatters their
+    gradients once after it (`gather_once`), or gathers layer by layer in every iteration."""
     S, R, M = sched.stages, sched.repeats, sched.micro_batches
     items = R * M
+    manual = (AXIS, *axes.BATCH_AXES)
     graphdef, stacked = nnx.split(blocks)
-    logical = nnx.get_partition_spec(stacked)
+    # Per weight: the mesh axes of its per-layer dimensions as the step holds it, and their manual part.
+    layer_specs = jax.tree.map(
+        lambda spec, w: mesh_lib.logical_to_spec(tuple(spec)[1:], w.shape[1:], param_rules, mesh, exclude={AXIS}),
+        nnx.get_partition_spec(stacked), stacked,
+    )
+    shards = jax.tree.map(lambda spec: _manual_part(spec, manual), layer_specs)
+    # ZeRO-3's gathers: of a stage's chunks (R, Lps, ...) as the loop starts, or of each layer as it runs.
+    identity = lambda tree: tree  # noqa: E731
+    gather_all = lambda tree: jax.tree.map(functools.partial(_gather, leading=2), tree, shards)  # noqa: E731
+    gather_layer = lambda tree: jax.tree.map(_gather, tree, shards)  # noqa: E731
+    gather_stage, gather_layer = (gather_all, identity) if gather_once else (identity, gather_layer)
 
-    def to_stages(spec, w):  # (L, ...) -> (R, S, Lps, ...), the stage axis over pipeline
+    def to_stages(w, spec):  # (L, ...) -> (R, S, Lps, ...), the stage axis over pipeline
         w = w.reshape(R, S, w.shape[0] // (R * S), *w.shape[1:])
-        rest = mesh_lib.logical_to_spec(tuple(spec)[1:], w.shape[3:], weight_rules, mesh, exclude={AXIS})
-        return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, P(None, AXIS, None, *rest)))
+        return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, P(None, AXIS, None, *spec)))
 
-    staged = jax.tree.map(to_stages, logical, stacked)
+    staged = jax.tree.map(to_stages, stacked, layer_specs)
     micro = jax.tree.map(functools.partial(_to_micro, M=M), carry)  # leaves (M, N/M, ...)
     ring = [(i, (i + 1) % S) for i in range(S)]
     policy = _iteration_policy(remat, mesh_lib.traced_platform())
 
     def stage_program(staged, micro):
-        # Per device: staged leaves (R, 1, Lps, ...) (this stage's chunks), micro leaves (M, N/M, ...).
+        # Per device: staged leaves (R, 1, Lps, ...) (this stage's chunks, whole or ZeRO-3 shards),
+        # micro leaves (M, b, ...) (this device's rows of every micro-batch).
         s = jax.lax.axis_index(AXIS)
-        chunks = jax.tree.map(lambda w: w[:, 0], staged)  # (R, Lps, ...)
+        # (R, Lps, ...), typed varying over the batch axes here, once: the transpose of that cast (the sum
+        # of the weights' gradients over the batch axes) then runs once after the loop, not per iteration.
+        chunks = jax.tree.map(lambda w: _varying(w, manual), gather_stage(jax.tree.map(lambda w: w[:, 0], staged)))
 
         def iteration(loop, t):
             state, buffer = loop  # state: what the previous stage sent; buffer: stage 0's M micro-batches
@@ -138,7 +184,7 @@ def run_pipeline(
             x = jax.tree.map(lambda first, sent: jnp.where(s == 0, first, sent), _index(buffer, item % M), state)
             x = jax.ad_checkpoint.checkpoint_name(x, STAGE_INPUT)
             chunk = nnx.merge(graphdef, _index(chunks, item // M))  # this repeat's Lps layers
-            y, _ = run_layers(chunk, layer_fn, x, scan=scan, remat=remat)
+            y, _ = run_layers(chunk, layer_fn, x, scan=scan, remat=remat, prepare=gather_layer)
             y = jax.lax.ppermute(y, AXIS, ring)  # one stage on; the last stage's output to stage 0
             done = t - (S - 1)  # the item the last stage finished in this iteration
             slot = jnp.clip(done, 0, items - 1) % M
@@ -151,20 +197,75 @@ def run_pipeline(
             return (y, jax.tree.map(store, buffer, y)), None
 
         iteration = jax.checkpoint(iteration, policy=policy, prevent_cse=False)
-        varying = lambda a: jax.lax.pcast(a, AXIS, to="varying")  # noqa: E731
-        state = jax.tree.map(lambda a: varying(jnp.zeros_like(a[0])), micro)
-        (_, buffer), _ = jax.lax.scan(iteration, (state, jax.tree.map(varying, micro)), jnp.arange(sched.iterations))
+        buffer = jax.tree.map(lambda a: _varying(a, manual), micro)
+        state = jax.tree.map(lambda a: _varying(jnp.zeros_like(a[0]), manual), micro)
+        (_, buffer), _ = jax.lax.scan(iteration, (state, buffer), jnp.arange(sched.iterations))
         # The outputs are on stage 0: hand them to every stage (the head splits the rows over stages).
         return jax.tree.map(lambda b: jax.lax.psum(jnp.where(s == 0, b, jnp.zeros_like(b)), AXIS), buffer)
 
+    rows = P(None, axes.BATCH_AXES)  # (M, N/M, ...): the rows over the batch axes
     out = jax.shard_map(
-        stage_program, mesh=mesh, in_specs=(P(None, AXIS), P()), out_specs=P(), axis_names={AXIS},
+        stage_program, mesh=mesh, axis_names=set(manual),
+        in_specs=(jax.tree.map(lambda spec: P(None, AXIS, None, *spec), shards), rows), out_specs=rows,
     )(staged, micro)
     return jax.tree.map(_to_rows, out)
 
 
 def runner(cfg: Config, mesh: Mesh, sched: Schedule) -> Callable:
     """The `llmx.models.layers.stack_runner` of the train step on a pipelined mesh."""
-    stage = 0 if gathers_weights_once(cfg) else cfg.mesh.zero_stage
-    rules = mesh_lib.weight_rules(stage, "params")
-    return functools.partial(run_pipeline, sched=sched, mesh=mesh, weight_rules=rules)
+    rules = mesh_lib.weight_rules(cfg.mesh.zero_stage, "params")
+    return functools.partial(run_pipeline, sched=sched, mesh=mesh, param_rules=rules, gather_once=gathers_weights_once(cfg))
+
+
+def stack_bytes(abstract_params) -> int:
+    """Bytes of the stacked layers' parameters (the leaves whose first logical axis is `layers`)."""
+    specs = nnx.get_partition_spec(abstract_params)
+    sizes = jax.tree.map(
+        lambda spec, leaf: math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize if tuple(spec)[:1] == ("layers",) else 0,
+        specs, abstract_params,
+    )
+    return sum(jax.tree.leaves(sizes))
+
+
+def traffic(cfg: Config, mesh: Mesh, sched: Schedule, abstract_params) -> dict:
+    """The schedule and the bytes one device sends per step, from shapes: activations between stages
+    (each iteration's stage output forward and its gradient backward, segment ids and positions with
+    them), the weights ZeRO-3 gathers inside a stage, and with R > 1 the exchange that brings a stage
+    its non-contiguous chunks (parameters in, gradients out); beside what FSDP alone over the same
+    devices would gather: every layer's weights in the forward and again in the backward (ZeRO §7)."""
+    S, R = sched.stages, sched.repeats
+    fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
+    act_bytes = jnp.dtype("float32" if cfg.model.dtype == "auto" else cfg.model.dtype).itemsize
+    tokens = cfg.train.micro_batch_size * cfg.model.seq_len  # a micro-batch's rows on one device
+    stage = stack_bytes(abstract_params) / tensor / S  # one stage's weights, per tensor shard
+    zero3 = cfg.mesh.zero_stage == 3 and fsdp > 1
+    gathered = 0.0
+    if zero3:
+        # Once per step; else every iteration gathers its chunk, forward and (recomputed) backward.
+        times = 1 if gathers_weights_once(cfg) else 2 * sched.iterations / R
+        gathered = times * stage * (fsdp - 1) / fsdp
+    held = stage / fsdp if cfg.mesh.zero_stage == 3 else stage
+    group = mesh.size // tensor  # FSDP alone: every device but the tensor split in one ZeRO-3 group
+    return {
+        "stages": S, "repeats": R, "micro_batches": sched.micro_batches, "iterations": sched.iterations,
+        "bubble": sched.bubble,
+        "sent_bytes_per_device": {
+            "activations": sched.iterations * tokens * (2 * cfg.model.d_model * act_bytes + 2 * 4),
+            "stage_weight_gathers": gathered,
+            "circular_exchange": 2 * held * (R - 1) / R,
+        },
+        "fsdp_alone_weight_gathers": 2 * S * stage * (group - 1) / group,
+    }
+
+
+def describe_traffic(t: dict) -> str:
+    """Two lines for the start-up log and the plan."""
+    sent = t["sent_bytes_per_device"]
+    mib = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731
+    return (
+        f"pipeline: {t['stages']} stages x {t['repeats']} repeats, {t['micro_batches']} micro-batches, "
+        f"{t['iterations']} iterations, bubble (S-1)/(R*M+S-1) = {t['bubble']:.1%}\n"
+        f"  sent per device per step: activations {mib(sent['activations'])}, stage weight gathers "
+        f"{mib(sent['stage_weight_gathers'])}, circular exchange {mib(sent['circular_exchange'])}; "
+        f"FSDP alone would gather {mib(t['fsdp_alone_weight_gathers'])} of weights"
+    )

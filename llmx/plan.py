@@ -21,6 +21,7 @@ import numpy as np
 from llmx import batch as batch_lib
 from llmx import config as config_lib
 from llmx import mesh as mesh_lib
+from llmx import pipeline as pipeline_lib
 from llmx import targets
 from llmx.cli import run as run_cli
 from llmx.config import Config
@@ -72,11 +73,16 @@ class StateMemory:
         return self.expected_params + self.expected_grads + self.expected_opt_state
 
 
-def zero_expectation(*, params: int, grads: int, opt_state: int, zero_stage: int, fsdp: int, tensor: int):
+def zero_expectation(
+    *, params: int, grads: int, opt_state: int, zero_stage: int, fsdp: int, tensor: int,
+    pipeline: int = 1, stack_share: float = 1.0,
+):
     """ZeRO §5.1 per device: stage 1 splits the optimizer state K·Psi over the N=fsdp group, stage 2
     also the gradients, stage 3 also the parameters; tensor parallelism splits everything by T
-    (Megatron; norm scales, replicated there, are a rounding error)."""
-    split = lambda nbytes, from_stage: nbytes / tensor / (fsdp if zero_stage >= from_stage else 1)  # noqa: E731
+    (Megatron; norm scales, replicated there, are a rounding error); pipeline stages split the layer
+    stack, `stack_share` of the bytes (the embedding and output projection stay on every stage)."""
+    stages = stack_share / pipeline + (1 - stack_share)
+    split = lambda nbytes, from_stage: nbytes * stages / tensor / (fsdp if zero_stage >= from_stage else 1)  # noqa: E731
     return split(params, 3), split(grads, 2), split(opt_state, 1)
 
 
@@ -91,6 +97,8 @@ def state_memory(cfg: Config, steps: Steps) -> StateMemory:
         zero_stage=cfg.mesh.zero_stage,
         fsdp=steps.mesh.shape["fsdp"],
         tensor=steps.mesh.shape["tensor"],
+        pipeline=steps.mesh.shape["pipeline"],
+        stack_share=pipeline_lib.stack_bytes(params) / _total_bytes(params),
     )
     return StateMemory(
         n_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
@@ -146,7 +154,8 @@ def _out_of_memory(message: str) -> tuple[float, float] | None:
     return (float(m.group(1)) * 2**30, float(m.group(2)) * 2**30) if m else None
 
 
-def _base(cfg: Config, target: str, mesh, resolved, memory: StateMemory, tokens: int, model_flops: float) -> dict:
+def _base(cfg: Config, target: str, steps: Steps, resolved, memory: StateMemory, tokens: int, model_flops: float) -> dict:
+    mesh = steps.mesh
     return {
         "target": target,
         "mesh": dict(mesh.shape),
@@ -161,7 +170,8 @@ def _base(cfg: Config, target: str, mesh, resolved, memory: StateMemory, tokens:
         "zero_expected_bytes": {"params": memory.expected_params, "grads": memory.expected_grads,
                                 "opt_state": memory.expected_opt_state, "total": memory.expected_total},
         "model_flops_per_step_per_device": model_flops,
-    }
+    } | ({"pipeline": pipeline_lib.traffic(cfg, mesh, steps.pipeline, steps.abstract_state.params)}
+         if steps.pipeline is not None else {})
 
 
 def plan(cfg: Config, *, target: str = "current", devices=None) -> dict:
@@ -179,7 +189,7 @@ def plan(cfg: Config, *, target: str = "current", devices=None) -> dict:
         if refused is None or resolved.chip is None:
             raise
         # The TPU compiler refuses a program that cannot fit: report its numbers as the verdict.
-        return _base(cfg, target, mesh, resolved, memory, tokens, model_flops) | {
+        return _base(cfg, target, steps, resolved, memory, tokens, model_flops) | {
             "memory": {"hbm_bytes": resolved.chip.hbm_bytes, "fits": False, "shortfall_bytes": refused[0] - refused[1],
                        "compiler": f"temporaries need {refused[0] / 2**30:.2f} GiB of {refused[1] / 2**30:.2f} GiB available"},
         }
@@ -187,7 +197,7 @@ def plan(cfg: Config, *, target: str = "current", devices=None) -> dict:
     cost = _cost(compiled)
     peak_bytes = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
                   + analysis.temp_size_in_bytes)
-    result = _base(cfg, target, mesh, resolved, memory, tokens, model_flops) | {
+    result = _base(cfg, target, steps, resolved, memory, tokens, model_flops) | {
         "compiled_bytes": {
             "arguments": analysis.argument_size_in_bytes,
             "outputs": analysis.output_size_in_bytes,
@@ -236,6 +246,8 @@ def format_plan(p: dict) -> str:
                      " (peak FLOP/s vs HBM bandwidth; collectives not modelled)")
     if "collectives" in p:
         lines.append("collectives  " + "  ".join(f"{k} {v}" for k, v in p["collectives"].items()))
+    if "pipeline" in p:
+        lines.append(pipeline_lib.describe_traffic(p["pipeline"]))
     return "\n".join(lines)
 
 

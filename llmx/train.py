@@ -22,6 +22,7 @@ from llmx import data as data_lib
 from llmx import distributed
 from llmx import hooks
 from llmx import mesh as mesh_lib
+from llmx import pipeline as pipeline_lib
 from llmx.checkpoint import Checkpointer, initial_state
 from llmx.cli import run as run_cli
 from llmx.config import Config
@@ -106,6 +107,9 @@ def train(cfg: Config, *, devices=None) -> RunSummary:
             micro_rows * accum, cfg.model.seq_len,
         )
         log.info(memory_report(cfg, steps, state))
+        if steps.pipeline is not None:
+            log.info(pipeline_lib.describe_traffic(
+                pipeline_lib.traffic(cfg, mesh, steps.pipeline, steps.abstract_state.params)))
         writer = MetricsWriter(run_dir, total_steps=cfg.train.steps, start_step=start, progress=cfg.train.progress)
         loop = LoopState(cfg=cfg, steps=steps, state=state, train_iter=train_iter, writer=writer,
                          summary=RunSummary(start_step=start), run_dir=run_dir, checkpoint_dir=ckpt.shown)

@@ -156,18 +156,20 @@ class MLP(nnx.Module):
 
 
 def run_layers(
-    blocks: nnx.Module, layer_fn: Callable, carry, xs: Any = None, *, scan: bool, remat: str = "none"
+    blocks: nnx.Module, layer_fn: Callable, carry, xs: Any = None, *, scan: bool, remat: str = "none",
+    prepare: Callable = lambda layer_state: layer_state,
 ) -> tuple[Any, Any]:
     """Runs `layer_fn(block, carry, x) -> (carry, y)` over the layers of `blocks`, a module whose every
     Param has a leading (L,) axis (built under `nnx.vmap`), with x the layer's slice of `xs` (a pytree
     with a leading (L,) axis, or None); returns (carry, ys stacked to (L, ...)), like `lax.scan`.
     `scan`: one traced layer under `lax.scan`, so compile time does not grow with depth, or L unrolled
-    copies. `remat`: the activation-checkpointing policy of each layer (model.remat, REMAT_POLICIES)."""
+    copies. `remat`: the activation-checkpointing policy of each layer (model.remat, REMAT_POLICIES).
+    `prepare` maps a layer's weights before use (a pipeline stage gathers its ZeRO-3 shards there)."""
     graphdef, stacked = nnx.split(blocks)
 
     def layer(carry, inputs):
         layer_state, x = inputs
-        return layer_fn(nnx.merge(graphdef, layer_state), carry, x)
+        return layer_fn(nnx.merge(graphdef, prepare(layer_state)), carry, x)
 
     if remat != "none":
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat](traced_platform()), prevent_cse=not scan)

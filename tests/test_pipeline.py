@@ -1,0 +1,230 @@
+"""Pipeline parallelism (`llmx.pipeline`): pipelined layouts train like one device, a checkpoint moves
+between pipelined and plain meshes, evaluation and generation run on a pipelined mesh, the compiled
+step sends activations between stages and gathers a stage's weights once, and the arithmetic errors
+are one line."""
+
+import re
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import PYTHON, REPO
+from helpers import SMALL, small_config
+from llmx import config as config_lib
+from llmx import evaluate as evaluate_lib
+from llmx import generate as gen
+from llmx import mesh as mesh_lib
+from llmx.errors import ConfigError
+from llmx.pipeline import Schedule
+from llmx.plan import compile_train_step, format_plan, plan
+from llmx.step import build_steps
+from llmx.train import train
+
+GLOBAL_BATCH = 16
+LAYERS = "model.n_layers=4"  # divisible by every stages x repeats below
+LAYOUTS = {  # micro_batch_size x grad_accum_steps x data x fsdp = GLOBAL_BATCH
+    "pipeline=4 fsdp=2 zero3": ["mesh.pipeline=4", "mesh.data=1", "mesh.fsdp=2", "mesh.zero_stage=3",
+                                "train.grad_accum_steps=4", "train.micro_batch_size=2"],
+    "pipeline=2 tensor=2 fsdp=2 zero2": ["mesh.pipeline=2", "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2",
+                                         "mesh.zero_stage=2", "train.grad_accum_steps=2", "train.micro_batch_size=4"],
+    # M = 2S: the last stage's outputs wait in stage 0's buffer before the second repeat; ZeRO-3 shards
+    # gathered layer by layer in every iteration.
+    "pipeline=2 repeats=2 data=2 fsdp=2 zero3 gathered per iteration": [
+        "mesh.pipeline=2", "mesh.pipeline_repeats=2", "mesh.data=2", "mesh.fsdp=2", "mesh.zero_stage=3",
+        "mesh.pipeline_gather_weights_once=false", "train.grad_accum_steps=4", "train.micro_batch_size=1"],
+}
+
+
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory, data_dir):
+    cfg = small_config(tmp_path_factory.mktemp("one"), data_dir, LAYERS, "train.steps=20",
+                       f"train.micro_batch_size={GLOBAL_BATCH}")
+    summary = train(cfg, devices=jax.devices()[:1])
+    return summary.losses, jax.device_get(summary.params)
+
+
+def _sorted(losses: dict) -> list:
+    return [losses[s] for s in sorted(losses)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pipelined_layout_trains_like_one_device(layout, single_device_run, tmp_path, data_dir):
+    summary = train(small_config(tmp_path, data_dir, LAYERS, "train.steps=20", *LAYOUTS[layout]))
+    ref_losses, ref_params = single_device_run
+    assert len(summary.losses) == 20
+    np.testing.assert_allclose(_sorted(summary.losses), _sorted(ref_losses), rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+                 jax.device_get(summary.params), ref_params)
+
+
+PIPELINED = ["mesh.pipeline=4", "mesh.data=1", "mesh.fsdp=2", "mesh.zero_stage=3", "train.grad_accum_steps=4",
+             "train.micro_batch_size=2"]
+PLAIN = ["mesh.pipeline=1", "mesh.data=1", "mesh.fsdp=8", "mesh.zero_stage=3", "train.grad_accum_steps=1",
+         "train.micro_batch_size=2"]  # the same 16 rows per step
+
+
+def test_checkpoints_move_between_pipelined_and_plain_meshes(tmp_path, data_dir):
+    common = [LAYERS, "optim.schedule=constant", "checkpoint.async_save=false"]
+    a = small_config(tmp_path / "a", data_dir, *common, *PIPELINED, "train.steps=5", "checkpoint.every=3")
+    losses = train(a).losses
+    # Resumed from step 3 without stages, then from that run's step 4 with stages again.
+    b = small_config(tmp_path / "b", data_dir, *common, *PLAIN, "train.steps=4",
+                     f"checkpoint.restore_from={tmp_path / 'a' / 'run' / 'checkpoints' / '3'}")
+    plain = train(b).losses
+    c = small_config(tmp_path / "c", data_dir, *common, *PIPELINED, "train.steps=5",
+                     f"checkpoint.restore_from={tmp_path / 'b' / 'run'}")
+    pipelined = train(c).losses
+    assert sorted(plain) == [4] and sorted(pipelined) == [5]
+    np.testing.assert_allclose([plain[4], pipelined[5]], [losses[4], losses[5]], rtol=1e-5)
+    # The pipelined run's checkpoint evaluates on its own mesh as on one device.
+    _, staged = evaluate_lib.run_evaluation(run_dir=str(tmp_path / "a" / "run"))
+    _, single = evaluate_lib.run_evaluation(run_dir=str(tmp_path / "a" / "run"), single_device=True)
+    assert staged[0].tokens == single[0].tokens > 0
+    np.testing.assert_allclose(staged[0].loss, single[0].loss, rtol=1e-5)
+
+
+def test_a_pipelined_mesh_generates_the_same_tokens(tmp_path, data_dir):
+    cfg = small_config(tmp_path, data_dir, LAYERS, *PIPELINED, "model.init_std=0.3")
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    steps = build_steps(cfg, mesh)
+    params = steps.init().params
+    assert params["blocks"]["attn"]["wq"][...].sharding.spec[0] == "pipeline"  # layers split over stages
+    prompts = [[5, 9, 14, 3], [7, 2], [11, 12, 13, 14, 15, 16]]
+    staged = gen.generate(params, steps.graphdef, prompts, max_new_tokens=6, max_len=32, eos_id=None, mesh=mesh)
+    local = jax.device_put(jax.device_get(params), jax.devices()[0])
+    assert staged == gen.generate(local, steps.graphdef, prompts, max_new_tokens=6, max_len=32, eos_id=None)
+
+
+# --------------------------------------------------------------------------- compiled HLO
+
+
+def _loops(hlo: str) -> dict[str, tuple[str, int]]:
+    """Every while loop's body computation -> (its parent computation, its trip count)."""
+    loops, parent = {}, None
+    for line in hlo.splitlines():
+        if line.endswith("{") and not line.startswith(" "):
+            parent = "ENTRY" if line.startswith("ENTRY") else line.split()[0]
+        m = re.search(r" while\(.*body=(%[\w.-]+).*\"known_trip_count\":\{\"n\":\"(\d+)\"", line)
+        if m:
+            loops[m.group(1)] = (parent, int(m.group(2)))
+    return loops
+
+
+def _collectives(hlo: str, kind: str) -> dict[str, list[str]]:
+    """Computation -> the result shapes of its `kind` collectives."""
+    found, name = {}, None
+    for line in hlo.splitlines():
+        if line.endswith("{") and not line.startswith(" "):
+            name = "ENTRY" if line.startswith("ENTRY") else line.split()[0]
+        m = re.search(rf"= (\S+) {kind}(?:-start)?\(", line)
+        if m:
+            found.setdefault(name, []).append(m.group(1))
+    return found
+
+
+def _executions(hlo: str, kind: str) -> dict[str, int]:
+    """Result shape -> how many times one step runs a `kind` collective of that shape (trip counts of
+    the loops around it multiplied)."""
+    loops = _loops(hlo)
+
+    def runs(computation):
+        n = 1
+        while computation in loops:
+            computation, trips = loops[computation]
+            n *= trips
+        return n
+
+    counts = {}
+    for computation, shapes in _collectives(hlo, kind).items():
+        for shape in shapes:
+            counts[shape] = counts.get(shape, 0) + runs(computation)
+    return counts
+
+
+def _hlo(*overrides):
+    cfg = config_lib.load(None, [*SMALL, LAYERS, *overrides])
+    return compile_train_step(cfg, build_steps(cfg, mesh_lib.make_mesh(cfg.mesh))).as_text()
+
+
+WEIGHTS_PER_LAYER = 9  # 2 norm scales, wq, wk, wv, wo, w_gate, w_up, w_down
+
+
+def test_stages_exchange_activations_and_gather_their_weights_once():
+    gathered = {}
+    for micro_batches in (4, 8):
+        hlo = _hlo(*PIPELINED[:-2], f"train.grad_accum_steps={micro_batches}", "train.micro_batch_size=1")
+        iterations = micro_batches + 4 - 1
+        # Forward: each iteration sends its output (B, T, D) and the rows' segment ids and positions
+        # (B, T) one stage on; backward: the output's gradient back.
+        permutes = _executions(hlo, "collective-permute")
+        assert sum(permutes.values()) == 4 * iterations, permutes
+        # Every all-gather (a stage's weights, the embedding, the head) runs once per step, outside the
+        # loops; and each gradient is reduced once, after them.
+        for kind in ("all-gather", "all-reduce", "reduce-scatter"):
+            runs = _executions(hlo, kind)
+            assert set(runs.values()) <= {1}, (kind, runs)
+        gathered[micro_batches] = sum(_executions(hlo, "all-gather").values())
+    assert gathered[4] == gathered[8] >= WEIGHTS_PER_LAYER  # not per micro-batch
+
+
+def test_without_gathering_once_every_iteration_reduces_its_gradients():
+    hlo = _hlo(*PIPELINED[:-2], "train.grad_accum_steps=4", "train.micro_batch_size=1",
+               "mesh.pipeline_gather_weights_once=false")
+    scattered = _executions(hlo, "reduce-scatter")
+    assert sum(scattered.values()) == WEIGHTS_PER_LAYER * (4 + 4 - 1), scattered
+
+
+# --------------------------------------------------------------------------- arithmetic and errors
+
+
+def test_bubble_is_divided_by_repeats():
+    assert Schedule(stages=4, repeats=1, micro_batches=4).bubble == pytest.approx(3 / 7)
+    assert Schedule(stages=4, repeats=2, micro_batches=4).bubble == pytest.approx(3 / 11)
+    assert Schedule(stages=2, repeats=2, micro_batches=8).iterations == 17
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.n_layers=6", "mesh.pipeline=4", "train.grad_accum_steps=4"],
+     "model.n_layers=6 is not divisible by mesh.pipeline 4 x mesh.pipeline_repeats 1 = 4"),
+    (["model.n_layers=4", "mesh.pipeline=2", "mesh.pipeline_repeats=4", "train.grad_accum_steps=2"],
+     "model.n_layers=4 is not divisible by mesh.pipeline 2 x mesh.pipeline_repeats 4 = 8"),
+    (["model.n_layers=4", "mesh.pipeline=4", "train.grad_accum_steps=2"],
+     "train.grad_accum_steps=2 is smaller than mesh.pipeline=4"),
+    (["mesh.pipeline_repeats=2"], "mesh.pipeline_repeats=2 needs mesh.pipeline > 1"),
+])
+def test_pipeline_arithmetic_errors_are_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        config_lib.load(None, overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_a_filled_pipeline_axis_is_checked_when_the_mesh_is_built():
+    cfg = config_lib.load(None, [*SMALL, "mesh.pipeline=-1", "mesh.data=1", "mesh.fsdp=2"])  # 4 stages, 2 layers
+    with pytest.raises(ConfigError, match=re.escape("model.n_layers=2 is not divisible by mesh.pipeline 4")):
+        build_steps(cfg, mesh_lib.make_mesh(cfg.mesh))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, message", [
+    (["mesh.pipeline=4", "train.grad_accum_steps=4", "model.n_layers=6"], "is not divisible by mesh.pipeline 4"),
+    (["mesh.pipeline=2", "train.grad_accum_steps=1"], "train.grad_accum_steps=1 is smaller than mesh.pipeline=2"),
+])
+def test_train_exits_2_with_one_line(overrides, message, subprocess_env, tmp_path):
+    proc = subprocess.run([PYTHON, "-m", "llmx.train", "--config", "configs/tiny.yaml",
+                           f"train.run_dir={tmp_path / 'run'}", *overrides],
+                          cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+
+def test_plan_reports_the_bubble_and_what_the_stages_send():
+    p = plan(config_lib.load(None, [*SMALL, LAYERS, *PIPELINED]))
+    pipe = p["pipeline"]
+    assert (pipe["stages"], pipe["repeats"], pipe["micro_batches"], pipe["iterations"]) == (4, 1, 4, 7)
+    assert pipe["bubble"] == pytest.approx(3 / 7)
+    assert pipe["sent_bytes_per_device"]["activations"] > 0 and pipe["fsdp_alone_weight_gathers"] > 0
+    assert p["collectives"]["collective-permute"] > 0
+    assert p["state_bytes"]["total"] == pytest.approx(p["zero_expected_bytes"]["total"], rel=0.05)
+    assert "bubble (S-1)/(R*M+S-1) = 42.9%" in format_plan(p)
