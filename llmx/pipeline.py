@@ -183,7 +183,8 @@ def run_pipeline(
             item = jnp.clip(t - s, 0, items - 1)  # outside [0, R*M) this stage idles (its output is never read)
             x = jax.tree.map(lambda first, sent: jnp.where(s == 0, first, sent), _index(buffer, item % M), state)
             x = jax.ad_checkpoint.checkpoint_name(x, STAGE_INPUT)
-            chunk = nnx.merge(graphdef, _index(chunks, item // M))  # this repeat's Lps layers
+            # This repeat's Lps layers (with one repeat a static index: no copy of the stage's weights).
+            chunk = nnx.merge(graphdef, _index(chunks, item // M if R > 1 else 0))
             y, _ = run_layers(chunk, layer_fn, x, scan=scan, remat=remat, prepare=gather_layer)
             y = jax.lax.ppermute(y, AXIS, ring)  # one stage on; the last stage's output to stage 0
             done = t - (S - 1)  # the item the last stage finished in this iteration

@@ -3,6 +3,7 @@ between pipelined and plain meshes, evaluation and generation run on a pipelined
 step sends activations between stages and gathers a stage's weights once, and the arithmetic errors
 are one line."""
 
+import logging
 import re
 import subprocess
 
@@ -66,10 +67,12 @@ PLAIN = ["mesh.pipeline=1", "mesh.data=1", "mesh.fsdp=8", "mesh.zero_stage=3", "
          "train.micro_batch_size=2"]  # the same 16 rows per step
 
 
-def test_checkpoints_move_between_pipelined_and_plain_meshes(tmp_path, data_dir):
+def test_checkpoints_move_between_pipelined_and_plain_meshes(tmp_path, data_dir, caplog):
     common = [LAYERS, "optim.schedule=constant", "checkpoint.async_save=false"]
     a = small_config(tmp_path / "a", data_dir, *common, *PIPELINED, "train.steps=5", "checkpoint.every=3")
-    losses = train(a).losses
+    with caplog.at_level(logging.INFO, logger="llmx"):
+        losses = train(a).losses
+    assert "pipeline: 4 stages x 1 repeats, 4 micro-batches, 7 iterations, bubble (S-1)/(R*M+S-1) = 42.9%" in caplog.text
     # Resumed from step 3 without stages, then from that run's step 4 with stages again.
     b = small_config(tmp_path / "b", data_dir, *common, *PLAIN, "train.steps=4",
                      f"checkpoint.restore_from={tmp_path / 'a' / 'run' / 'checkpoints' / '3'}")
@@ -79,9 +82,10 @@ def test_checkpoints_move_between_pipelined_and_plain_meshes(tmp_path, data_dir)
     pipelined = train(c).losses
     assert sorted(plain) == [4] and sorted(pipelined) == [5]
     np.testing.assert_allclose([plain[4], pipelined[5]], [losses[4], losses[5]], rtol=1e-5)
-    # The pipelined run's checkpoint evaluates on its own mesh as on one device.
+    # The pipelined run's checkpoint evaluates on its own mesh as on one device (the same 4 rows per batch).
     _, staged = evaluate_lib.run_evaluation(run_dir=str(tmp_path / "a" / "run"))
-    _, single = evaluate_lib.run_evaluation(run_dir=str(tmp_path / "a" / "run"), single_device=True)
+    _, single = evaluate_lib.run_evaluation(run_dir=str(tmp_path / "a" / "run"), single_device=True,
+                                            overrides=["train.micro_batch_size=4"])
     assert staged[0].tokens == single[0].tokens > 0
     np.testing.assert_allclose(staged[0].loss, single[0].loss, rtol=1e-5)
 
