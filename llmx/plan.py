@@ -3,7 +3,8 @@
 Builds the abstract train state (no parameters are allocated), compiles the real train step for the
 configured mesh, and reports per-device memory (the state's shards beside the ZeRO paper's
 (2+2+K)Psi/N accounting, and XLA's `memory_analysis` of the compiled step), FLOPs per step, and the
-collectives in the compiled HLO.
+collectives in the compiled HLO. On a pipelined mesh it adds the schedule, its bubble and the bytes the
+stages send (`llmx.pipeline`). `--no-compile` stops before compiling: the state's bytes and the schedule.
 """
 
 from __future__ import annotations
@@ -139,12 +140,13 @@ def _cost(compiled) -> dict:
     return cost or {}
 
 
-def _roofline(*, model_flops: float, memory_bytes: float, chip) -> dict:
+def _roofline(*, model_flops: float, memory_bytes: float, chip, bubble: float = 0.0) -> dict:
     """A lower bound on step time: the slower of the chip's peak FLOP/s and its HBM bandwidth
-    (collectives and overheads are not modelled), and the MFU it implies."""
+    (collectives and overheads are not modelled), and the MFU it implies. A pipeline's stages compute
+    only in 1 - bubble of the step (`llmx.pipeline.Schedule.bubble`)."""
     if chip is None:
         return {}
-    seconds = max(model_flops / chip.peak_bf16_flops, memory_bytes / chip.hbm_bytes_per_second)
+    seconds = max(model_flops / chip.peak_bf16_flops / (1 - bubble), memory_bytes / chip.hbm_bytes_per_second)
     return {"estimated_step_seconds": seconds, "estimated_mfu": model_flops / (seconds * chip.peak_bf16_flops)}
 
 
@@ -174,14 +176,18 @@ def _base(cfg: Config, target: str, steps: Steps, resolved, memory: StateMemory,
          if steps.pipeline is not None else {})
 
 
-def plan(cfg: Config, *, target: str = "current", devices=None) -> dict:
-    """The plan as a JSON-ready dict (bytes and FLOPs are per device)."""
+def plan(cfg: Config, *, target: str = "current", devices=None, compile: bool = True) -> dict:
+    """The plan as a JSON-ready dict (bytes and FLOPs are per device). `compile=False` stops at what the
+    shapes and shardings tell (the state's bytes, the pipeline's schedule): seconds, where compiling a 1B
+    step for a TPU target takes minutes."""
     resolved = targets.resolve(target)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices if devices is not None else resolved.devices)
     steps = build_steps(cfg, mesh)
     memory = state_memory(cfg, steps)
     tokens = batch_lib.tokens_per_step(cfg, mesh)
     model_flops = flops_per_token(cfg.model) * tokens / mesh.size
+    if not compile:
+        return _base(cfg, target, steps, resolved, memory, tokens, model_flops)
     try:
         compiled = compile_train_step(cfg, steps)
     except jax.errors.JaxRuntimeError as e:
@@ -211,7 +217,8 @@ def plan(cfg: Config, *, target: str = "current", devices=None) -> dict:
     if resolved.chip is not None:
         hbm = resolved.chip.hbm_bytes
         result["memory"] = {"hbm_bytes": hbm, "fits": peak_bytes <= hbm, "shortfall_bytes": max(0, peak_bytes - hbm)}
-        result.update(_roofline(model_flops=model_flops, memory_bytes=peak_bytes, chip=resolved.chip))
+        bubble = steps.pipeline.bubble if steps.pipeline is not None else 0.0
+        result.update(_roofline(model_flops=model_flops, memory_bytes=peak_bytes, chip=resolved.chip, bubble=bubble))
     return result
 
 
@@ -229,7 +236,7 @@ def format_plan(p: dict) -> str:
     ]
     for key, label in (("params", "parameters"), ("grads", "gradients"), ("opt_state", "optimizer state"), ("total", "total")):
         lines.append(f"  {label:<20}{_mb(p['state_bytes'][key]):>14}{_mb(p['zero_expected_bytes'][key]):>16}")
-    lines += ["", "compiled train step, per device"]
+    lines += ["", "compiled train step, per device" if "compiled_bytes" in p else "train step not compiled (--no-compile)"]
     for key, value in p.get("compiled_bytes", {}).items():
         lines.append(f"  {key:<20}{_mb(value):>14}")
     if "memory" in p:
@@ -258,9 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="current",
                         help="current (local devices), a TPU topology (v5e:2x2, v4:2x2x1, v5p:2x2x1, v6e:2x2) "
                         "or a GPU target (h100:1x1x8, h200:1x1x8, a100:1x1x8)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="stop at the state's per-device bytes and the pipeline's schedule (no compiled step)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_intermixed_args(argv)
-    result = plan(config_lib.load(args.config, args.overrides), target=args.target)
+    result = plan(config_lib.load(args.config, args.overrides), target=args.target, compile=args.compile)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0
 
