@@ -38,6 +38,13 @@ log = logging.getLogger("llmx")
 
 
 def enable_compilation_cache(path: str) -> None:
+    """JAX's persistent compilation cache at `path` ('' = off). Not for several processes on CPU:
+    there an executable loaded from the cache by one process while another compiles its own makes
+    the gloo collectives' rendezvous time out ("Gloo context initialization failed: GetKeyValue()
+    timed out"), seen with jax 0.10.2 on a warm cache."""
+    if path and jax.process_count() > 1 and jax.default_backend() == "cpu":
+        log.info("compilation cache off: %d CPU processes share gloo collectives", jax.process_count())
+        return
     if path and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
 
