@@ -209,6 +209,12 @@ class CheckpointConfig:
         choices=("full", "weights"),
         help="full: state, optimizer and data position; weights: parameters only, at step 0",
     )
+    on_corrupt: str = _field(
+        "fallback",
+        choices=("fallback", "stop"),
+        help="an unreadable checkpoint on resume: move it to checkpoints/corrupt/<step> and resume from the newest "
+        "one that reads completely (fallback), or stop with an error (stop)",
+    )
 
 
 SECTIONS: dict[str, type] = {
