@@ -252,7 +252,7 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore(),
         ))
-        if not isinstance(restored.data, dict) or "rows" not in restored.data:
+        if not isinstance(restored.data, dict):  # {} (a run imported at step 0) means "from the start"
             raise self._unreadable(step, "its data iterator state is not a data pipeline state")
         if not isinstance(restored.config, dict) or not isinstance(restored.config.get("yaml"), str):
             raise self._unreadable(step, "its config part holds no config")
@@ -308,6 +308,13 @@ def resolve(path: str | Path, *, given_as: str) -> tuple[Path, int]:
     return path, step
 
 
+def check_restore_from(cfg: CheckpointConfig, directory: Path) -> None:
+    """`checkpoint.restore_from` resolves, if it will be read: only by a run with no checkpoint of its own."""
+    own = directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+    if cfg.restore_from and not own:
+        resolve(cfg.restore_from, given_as="checkpoint.restore_from")
+
+
 def initial_state(ckpt: Checkpointer, cfg: CheckpointConfig, steps, train_iter) -> tuple[Any, int]:
     """(state, step) to train from: the run's own newest readable checkpoint (a resume), else
     `checkpoint.restore_from` (all of it, or only its weights at step 0), else a fresh init.
@@ -354,7 +361,7 @@ def _resume(ckpt: Checkpointer, cfg: CheckpointConfig, steps, train_iter) -> tup
     else:
         older = len(unreadable) - 1
         raise CorruptCheckpointError(
-            f"{unreadable[0][1]}; " + (f"nor can the {older} older checkpoints" if older else "no older checkpoint exists")
+            f"{unreadable[0][1]}; " + (f"nor can the {older} older one{'s' * (older > 1)}" if older else "no older checkpoint exists")
             + f" (nothing was moved or deleted): repair them, or move {ckpt.shown} away to start afresh"
         )
     if not unreadable:

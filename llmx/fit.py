@@ -15,7 +15,6 @@ the CPU, the RAM the kernel (and a cgroup limit) says is available, shared by al
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from pathlib import Path
 
@@ -25,8 +24,6 @@ from llmx import plan
 from llmx.config import Config
 from llmx.errors import ResourceError
 from llmx.step import Steps
-
-log = logging.getLogger(__name__)
 
 GiB = 2**30
 
@@ -133,13 +130,13 @@ def _refuse(cfg: Config, steps: Steps, state: plan.StateMemory, *, need: int, wh
     )
 
 
-def check(cfg: Config, steps: Steps) -> None:
-    """Raises a ResourceError when one training step cannot fit in the devices' memory; compiles the
-    step (kept by jit for the first real step) only when the state alone fits."""
+def check(cfg: Config, steps: Steps) -> str:
+    """Raises a ResourceError when one training step cannot fit in the devices' memory, else returns
+    the verdict in a line; compiles the step (kept by jit for the first real step) only when the state
+    alone fits."""
     available = available_memory(list(steps.mesh.devices.flat))
     if available is None:
-        log.info("fit check skipped: the devices do not report their memory")
-        return
+        return "fit check skipped: the devices do not report their memory"
     state = plan.state_memory(cfg, steps)
     if state.total * available.devices > available.bytes:
         what = (f"params {_gib(state.params)}, gradients {_gib(state.grads)}, optimizer state {_gib(state.opt_state)}; "
@@ -162,5 +159,5 @@ def check(cfg: Config, steps: Steps) -> None:
                 "from XLA's analysis of the compiled step")
         raise _refuse(cfg, steps, state, need=need, what=what, available=available,
                       temporaries=analysis.temp_size_in_bytes)
-    log.info("fit check: a step needs %s per device x %d device%s; the %s has %s available", _gib(need),
-             available.devices, "s" * (available.devices > 1), available.where, _gib(available.bytes))
+    return (f"fit check: a step needs {_gib(need)} per device x {available.devices} device"
+            f"{'s' * (available.devices > 1)}; the {available.where} has {_gib(available.bytes)} available")

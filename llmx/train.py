@@ -22,7 +22,7 @@ from llmx import config as config_lib
 from llmx import data as data_lib
 from llmx import distributed, fit, hooks, runlock
 from llmx import mesh as mesh_lib
-from llmx.checkpoint import Checkpointer, initial_state
+from llmx.checkpoint import Checkpointer, check_restore_from, initial_state
 from llmx.cli import run as run_cli
 from llmx.config import Config
 from llmx.errors import ConfigError
@@ -67,6 +67,17 @@ def build_hooks(cfg: Config, *, steps: Steps, ckpt: Checkpointer, eval_sets, tok
     return actions
 
 
+def data_iterator(cfg: Config, data: data_lib.PreparedData, *, micro_rows: int):
+    """This process's rows of every step's batch: a Grain iterator whose state each checkpoint holds."""
+    accum = cfg.train.grad_accum_steps
+    rows = data_lib.process_rows(process_index=jax.process_index(), process_count=jax.process_count(),
+                                 leading=accum, rows=micro_rows)
+    return iter(data_lib.batches(
+        data.train, data.tokenizer, seq_len=cfg.model.seq_len, global_rows=accum * micro_rows, rows=rows,
+        seed=cfg.train.seed, prefetch=cfg.data.prefetch, text_field=data.text_field,
+    ))
+
+
 def global_batches(train_iter, shardings: dict, *, accum: int) -> Iterator[dict]:
     """This process's rows of each step -> the global (A, B, T) batch."""
     for local in train_iter:
@@ -88,41 +99,37 @@ def train(cfg: Config, *, devices=None) -> RunSummary:
     """Trains as configured; returns what the run did (losses, eval losses, the sample, ...)."""
     t_start = time.perf_counter()
     enable_compilation_cache(cfg.train.compilation_cache_dir)
+    # Inputs that can be checked quickly are, before anything is created or prepared.
+    data_lib.check_sources(cfg)
+    check_restore_from(cfg.checkpoint, Path(cfg.train.run_dir) / "checkpoints")
     run_dir = make_run_dir(cfg.train.run_dir)
     # Whatever is opened is closed in reverse on every path, so an error's one line is the last output.
     with contextlib.ExitStack() as opened:
         lock = opened.enter_context(runlock.hold(run_dir, wait_seconds=cfg.train.wait_for_lock))
         mesh = mesh_lib.make_mesh(cfg.mesh, devices)
         steps = build_steps(cfg, mesh)
-        if not cfg.train.skip_fit_check:
-            fit.check(cfg, steps)  # before anything is allocated (or data prepared)
+        # Before anything is allocated (or data prepared).
+        fits = "fit check skipped (train.skip_fit_check)" if cfg.train.skip_fit_check else fit.check(cfg, steps)
         micro_rows = batch_lib.micro_rows(cfg, mesh)
         data = distributed.first_process_first(
             lambda: data_lib.prepare_data(cfg, run_dir=run_dir if jax.process_index() == 0 else None)
         )
-        if jax.process_index() == 0:
-            (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
         # The checkpointer is closed last: a save in flight completes after everything else is shut.
         ckpt = opened.enter_context(contextlib.closing(Checkpointer(run_dir / "checkpoints", cfg.checkpoint)))
-        accum = cfg.train.grad_accum_steps
-        rows = data_lib.process_rows(process_index=jax.process_index(), process_count=jax.process_count(),
-                                     leading=accum, rows=micro_rows)
-        train_iter = opened.enter_context(contextlib.closing(iter(
-            data_lib.batches(
-                data.train, data.tokenizer, seq_len=cfg.model.seq_len, global_rows=accum * micro_rows, rows=rows,
-                seed=cfg.train.seed, prefetch=cfg.data.prefetch, text_field=data.text_field,
-            )
-        )))
+        train_iter = opened.enter_context(contextlib.closing(data_iterator(cfg, data, micro_rows=micro_rows)))
         eval_sets = build_eval_sets(cfg, steps, data)
         state, start = initial_state(ckpt, cfg.checkpoint, steps, train_iter)
+        if jax.process_index() == 0:  # only now: a run that cannot resume leaves the old config as it was
+            (run_dir / "config.yaml").write_text(cfg.to_yaml())
         n_params = sum(x.size for x in jax.tree.leaves(state.params))
         log.info(
             "mesh %s on %d %s devices; %.2fM parameters; global batch %d x %d tokens",
             dict(mesh.shape), mesh.size, jax.devices()[0].platform, n_params / 1e6,
-            micro_rows * accum, cfg.model.seq_len,
+            micro_rows * cfg.train.grad_accum_steps, cfg.model.seq_len,
         )
         log.info(memory_report(cfg, steps, state))
+        log.info(fits)
         writer = opened.enter_context(contextlib.closing(
             MetricsWriter(run_dir, total_steps=cfg.train.steps, start_step=start, progress=cfg.train.progress)
         ))
@@ -130,8 +137,8 @@ def train(cfg: Config, *, devices=None) -> RunSummary:
                          summary=RunSummary(start_step=start), run_dir=run_dir, checkpoint_dir=ckpt.shown)
         actions = build_hooks(cfg, steps=steps, ckpt=ckpt, eval_sets=eval_sets, tokenizer=data.tokenizer,
                               run_dir=run_dir, lock=lock)
-        summary = run_loop(loop, actions, global_batches(train_iter, steps.batch_shardings, accum=accum),
-                           train_step=steps.train)
+        batches = global_batches(train_iter, steps.batch_shardings, accum=cfg.train.grad_accum_steps)
+        summary = run_loop(loop, actions, batches, train_step=steps.train)
     summary.wall_seconds = time.perf_counter() - t_start
     return summary
 
