@@ -20,7 +20,7 @@ from pathlib import Path
 
 import jax
 
-from llmx import plan
+from llmx import distributed, plan
 from llmx.config import Config
 from llmx.errors import ResourceError
 from llmx.step import Steps
@@ -133,15 +133,28 @@ def _refuse(cfg: Config, steps: Steps, state: plan.StateMemory, *, need: int, wh
 def check(cfg: Config, steps: Steps) -> str:
     """Raises a ResourceError when one training step cannot fit in the devices' memory, else returns
     the verdict in a line; compiles the step (kept by jit for the first real step) only when the state
-    alone fits."""
+    alone fits. Every process raises when one does (each measures its own host or devices)."""
+    try:
+        verdict, error = _verdict(cfg, steps), None
+    except ResourceError as e:
+        verdict, error = "", str(e)
+    errors = [e for e in distributed.gather_json(error) if e is not None]
+    if errors:
+        raise ResourceError(errors[0])
+    return verdict
+
+
+def _verdict(cfg: Config, steps: Steps) -> str:
     available = available_memory(list(steps.mesh.devices.flat))
     if available is None:
         return "fit check skipped: the devices do not report their memory"
     state = plan.state_memory(cfg, steps)
-    if state.total * available.devices > available.bytes:
+    # mesh.offload_optimizer keeps the optimizer state in host memory on accelerators (a no-op on CPU).
+    on_host = state.opt_state if cfg.mesh.offload_optimizer and steps.mesh.devices.flat[0].platform != "cpu" else 0
+    if (state.total - on_host) * available.devices > available.bytes:
         what = (f"params {_gib(state.params)}, gradients {_gib(state.grads)}, optimizer state {_gib(state.opt_state)}; "
                 "before the step's temporaries")
-        raise _refuse(cfg, steps, state, need=state.total, what=what, available=available, temporaries=None)
+        raise _refuse(cfg, steps, state, need=state.total - on_host, what=what, available=available, temporaries=None)
     try:
         compiled = plan.compile_train_step(cfg, steps)
     except jax.errors.JaxRuntimeError as e:

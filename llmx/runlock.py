@@ -189,7 +189,10 @@ class RunLock:
                             current.describe() if current else "nobody (the lock file was deleted)")
                 return
             beat = dataclasses.replace(self.holder, heartbeat=time.time())
-            _write_temporary(self.path, beat).replace(self.path)
+            try:
+                _write_temporary(self.path, beat).replace(self.path)
+            except OSError as e:  # a full disk or a vanished directory: try again at the next beat
+                log.warning("could not refresh the lock %s: %s", self.path, e)
 
     def release(self) -> None:
         """Stops the heartbeat and deletes the lock if it is still ours."""

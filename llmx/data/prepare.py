@@ -54,6 +54,7 @@ def check_sources(cfg: Config) -> None:
 
 
 def prepare_data(cfg: Config, *, run_dir: Path | None = None) -> PreparedData:
+    check_sources(cfg)
     d = cfg.data
     mixture = sources_lib.parse_mixture(d.source)
     corpora = {name: _corpus(name, cfg, validation_percent=d.validation_percent) for name, _ in mixture}
