@@ -297,7 +297,7 @@ def _lock_holder(run_dir: Path) -> dict:
 @pytest.mark.slow
 def test_a_second_trainer_on_a_run_directory_exits_2_and_the_first_finishes_alone(tmp_path, subprocess_env, data_dir):
     run_dir = tmp_path / "run"
-    first = launch(tmp_path, subprocess_env, run_dir, data_dir, "train.steps=30", "checkpoint.every=10", pause=0.3)
+    first = launch(tmp_path, subprocess_env, run_dir, data_dir, "train.steps=5000", "checkpoint.every=10", pause=0.1)
     started = time.monotonic()
     try:
         # The second one comes 10 s later, while the first is training.
@@ -306,17 +306,20 @@ def test_a_second_trainer_on_a_run_directory_exits_2_and_the_first_finishes_alon
         assert _lock_holder(run_dir)["pid"] == first.pid
         second = subprocess.run(
             [PYTHON, "-m", "llmx.train", *SMALL, f"train.run_dir={run_dir}", f"data.cache_dir={data_dir}",
-             "train.steps=30"], cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=300)
+             "train.steps=5000"], cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=300)
         lines = [line for line in second.stderr.splitlines() if line.strip()]
         assert second.returncode == 2, second.stderr
         assert len(lines) == 1 and f"is in use by another trainer: PID {first.pid} on " in lines[0], second.stderr
-        _, stderr = first.communicate(timeout=600)
+        assert first.poll() is None, "the first trainer stopped while the second ran"
+        first.send_signal(signal.SIGTERM)  # it finishes: checkpoints its step and exits 0
+        _, stderr = first.communicate(timeout=300)
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
     assert first.returncode == 0, stderr[-2000:]
     steps = [m["step"] for m in read_metrics(run_dir) if "loss" in m]
-    assert steps == list(range(1, 31))  # every step once: the second trainer wrote nothing
+    assert steps == list(range(1, steps[-1] + 1))  # every step once: the second trainer wrote nothing
+    assert checkpoint_steps(run_dir)[-1] == steps[-1]
     assert not (run_dir / runlock.LOCK_FILE).exists()
 
 
