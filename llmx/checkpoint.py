@@ -213,7 +213,8 @@ class Checkpointer:
                 metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
         except Exception as e:  # noqa: BLE001 - missing or unreadable _METADATA
             raise CorruptCheckpointError(
-                f"{self.step_dir(step)}: cannot read the checkpoint's metadata ({_reason(e)}); it is incomplete or corrupt"
+                f"{self.step_dir(step)}: cannot read the checkpoint's metadata ({_reason(e)}); "
+                "it is incomplete or corrupt"
             ) from None
         stored, wanted = _flat_shapes(metadata), _flat_shapes(target)
         if only_params:
@@ -360,9 +361,10 @@ def _resume(ckpt: Checkpointer, cfg: CheckpointConfig, steps, train_iter) -> tup
         unreadable.append((step, errors[0]))
     else:
         older = len(unreadable) - 1
+        others = f"nor can the {older} older one{'s' * (older > 1)}" if older else "no older checkpoint exists"
         raise CorruptCheckpointError(
-            f"{unreadable[0][1]}; " + (f"nor can the {older} older one{'s' * (older > 1)}" if older else "no older checkpoint exists")
-            + f" (nothing was moved or deleted): repair them, or move {ckpt.shown} away to start afresh"
+            f"{unreadable[0][1]}; {others} (nothing was moved or deleted): repair them, or move {ckpt.shown} away "
+            "to start afresh"
         )
     if not unreadable:
         log.info("resumed from %s at step %d", ckpt.step_dir(step), step)

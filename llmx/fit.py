@@ -126,7 +126,8 @@ def _refuse(cfg: Config, steps: Steps, state: plan.StateMemory, *, need: int, wh
     fixes = _fixes(cfg, steps, state, need=need, available=available, temporaries=temporaries)
     return ResourceError(
         f"this run does not fit: it needs {_gib(need)} per device{shared} ({what}) but the {available.where} has "
-        f"{_gib(available.bytes)} available; cheapest fixes: {'; '.join(fixes)}; or train.skip_fit_check=true to try anyway"
+        f"{_gib(available.bytes)} available; cheapest fixes: {'; '.join(fixes)}; "
+        "or train.skip_fit_check=true to try anyway"
     )
 
 
@@ -168,8 +169,8 @@ def _verdict(cfg: Config, steps: Steps) -> str:
     analysis = compiled.memory_analysis()
     need = plan.peak_bytes(analysis)
     if need * available.devices > available.bytes:
-        what = (f"state and batch {_gib(analysis.argument_size_in_bytes)}, temporaries {_gib(analysis.temp_size_in_bytes)}, "
-                "from XLA's analysis of the compiled step")
+        what = (f"state and batch {_gib(analysis.argument_size_in_bytes)}, "
+                f"temporaries {_gib(analysis.temp_size_in_bytes)}, from XLA's analysis of the compiled step")
         raise _refuse(cfg, steps, state, need=need, what=what, available=available,
                       temporaries=analysis.temp_size_in_bytes)
     return (f"fit check: a step needs {_gib(need)} per device x {available.devices} device"

@@ -111,7 +111,9 @@ def _read(path: Path) -> Holder | None:
     except FileNotFoundError:
         return None
     except (ValueError, TypeError) as e:
-        raise ResourceError(f"{path} is not a trainer lock ({e}); delete it if no trainer uses this run directory") from None
+        raise ResourceError(
+            f"{path} is not a trainer lock ({e}); delete it if no trainer uses this run directory"
+        ) from None
 
 
 def _write_temporary(path: Path, holder: Holder) -> Path:

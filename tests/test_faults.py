@@ -83,11 +83,13 @@ FAULTS: dict[str, Fault] = {
     # Config (from tests/test_config.py).
     "unknown key": Fault(lambda w: ["model.d_modle=64"], "unknown config key 'model.d_modle'"),
     "wrong type": Fault(lambda w: ["train.micro_batch_size=big"], "train.micro_batch_size='big' has the wrong type"),
-    "mesh 3x3 on 8 devices": Fault(lambda w: ["mesh.data=3", "mesh.fsdp=3"], "mesh data=3xfsdp=3xtensor=1 has 9 devices but 8"),
+    "mesh 3x3 on 8 devices": Fault(lambda w: ["mesh.data=3", "mesh.fsdp=3"],
+                                   "mesh data=3xfsdp=3xtensor=1 has 9 devices but 8"),
     "zero layers": Fault(lambda w: ["model.n_layers=0"], "model.n_layers=0 is out of range"),
-    "heads not dividing d_model": Fault(lambda w: ["model.n_heads=3"], "model.n_heads=3 does not divide model.d_model=32"),
-    "missing config file": Fault(lambda w: ["--config", "configs/nope.yaml"], "config file configs/nope.yaml does not exist",
-                                 base=False),
+    "heads not dividing d_model": Fault(lambda w: ["model.n_heads=3"],
+                                        "model.n_heads=3 does not divide model.d_model=32"),
+    "missing config file": Fault(lambda w: ["--config", "configs/nope.yaml"],
+                                 "config file configs/nope.yaml does not exist", base=False),
     # Paths and data.
     "run_dir is a file": Fault(lambda w: [f"train.run_dir={w / 'notes.txt'}"], "notes.txt is a file, not a directory",
                                setup=lambda w: _write(w / "notes.txt", "not a run")),
@@ -95,14 +97,16 @@ FAULTS: dict[str, Fault] = {
                                     setup=lambda w: (w / "empty").mkdir()),
     "source of binary files only": Fault(
         lambda w: [f"data.source={w / 'bin'}"], "none of the 2 files holds usable text documents (2 empty, binary",
-        setup=lambda w: (_write(w / "bin" / "a.txt", b"\x00\xff\x00" * 100), _write(w / "bin" / "b.py", b"\xff\xfe\xfa")),
+        setup=lambda w: (_write(w / "bin" / "a.txt", b"\x00\xff\x00" * 100),
+                         _write(w / "bin" / "b.py", b"\xff\xfe\xfa")),
         allowed=(PREPARING,)),
     "JSONL without the text field": Fault(
         lambda w: [f"data.source={w / 'j'}"], "2 .jsonl records have no field 'text': set data.text_field",
         setup=lambda w: _write(w / "j" / "d.jsonl", '{"body": "some text"}\n{"body": "more text"}\n'),
         allowed=(PREPARING,)),
     "glob matching nothing": Fault(lambda w: [f"data.source={w}/*.nothing"], "matches no files"),
-    "missing tokenizer.json": Fault(lambda w: [f"data.tokenizer={w / 'tok' / 'tokenizer.json'}"], "no such tokenizer.json"),
+    "missing tokenizer.json": Fault(lambda w: [f"data.tokenizer={w / 'tok' / 'tokenizer.json'}"],
+                                    "no such tokenizer.json"),
     "missing restore_from": Fault(lambda w: [f"checkpoint.restore_from={w / 'elsewhere'}"],
                                   "elsewhere: no such checkpoint, checkpoints directory or run directory"),
     "unknown TFDS dataset": Fault(lambda w: ["data.source=tfds:no_such_dataset_xyz"], "TFDS has no dataset named"),
@@ -136,15 +140,18 @@ FAULTS: dict[str, Fault] = {
         lambda w: ["--run-dir", str(w / "empty")], "empty is not a run directory: it has no config.yaml",
         module="llmx.evaluate", base=False, setup=lambda w: (w / "empty").mkdir()),
     # Resources.
-    "run directory in use": Fault(lambda w: [], f"is in use by another trainer: PID {os.getpid()} on {socket.gethostname()}",
-                                  setup=lambda w: _live_lock(w / "run")),
-    "40B parameters on the CPU": Fault(lambda w: BIG, "this run does not fit: it needs 607.07 GiB per device x 8 devices",
-                                       max_seconds=60, max_rss_gib=2),
+    "run directory in use": Fault(
+        lambda w: [], f"is in use by another trainer: PID {os.getpid()} on {socket.gethostname()}",
+        setup=lambda w: _live_lock(w / "run")),
+    "40B parameters on the CPU": Fault(
+        lambda w: BIG, "this run does not fit: it needs 607.07 GiB per device x 8 devices", max_seconds=60,
+        max_rss_gib=2),
 }
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+    files = (p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def run_measured(args: list[str], *, env: dict, log_dir: Path, timeout: float = 300):
@@ -188,7 +195,8 @@ def test_fault_exits_2_with_one_line_and_changes_nothing(name, tmp_path, subproc
     cache = data_dir if fault.trained else tmp_path / "cache"
     base = [*SMALL, f"train.run_dir={workspace / 'run'}", "train.steps=5"]
     before = _hashes(workspace)
-    args = [PYTHON, "-m", fault.module, *(base if fault.base else []), *fault.args(workspace), f"data.cache_dir={cache}"]
+    args = [PYTHON, "-m", fault.module, *(base if fault.base else []), *fault.args(workspace),
+            f"data.cache_dir={cache}"]
     status, stderr, seconds, cpu, peak_rss = run_measured(args, env=subprocess_env, log_dir=tmp_path)
 
     lines = [line for line in stderr.splitlines() if line.strip()]
@@ -439,5 +447,6 @@ def test_the_fit_check_passes_a_small_model_and_refuses_with_the_figures(tmp_pat
         fit.check(cfg, steps)
     monkeypatch.setattr(fit, "host_available_bytes", lambda: 8 * state + 1)  # the state fits, the step does not
     with pytest.raises(ResourceError, match=r"temporaries .* from XLA's analysis of the compiled step\).*"
-                       r"train.micro_batch_size=\d+ train.grad_accum_steps=\d+ \(same global batch\); model.remat=full"):
+                       r"train.micro_batch_size=\d+ train.grad_accum_steps=\d+ \(same global batch\); "
+                       r"model.remat=full"):
         fit.check(cfg, steps)
