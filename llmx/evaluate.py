@@ -103,7 +103,8 @@ def build_eval_sets(cfg: Config, steps: Steps, data: data_lib.PreparedData) -> l
         rows = data_lib.process_rows(process_index=jax.process_index(), process_count=jax.process_count(),
                                      leading=1, rows=micro_rows)
         it = iter(data_lib.batches(source, data.tokenizer, seq_len=cfg.model.seq_len, global_rows=micro_rows,
-                                   rows=rows, seed=None, prefetch=0, text_field=data.text_field))
+                                   rows=rows, seed=None, prefetch=0, text_field=data.text_field,
+                                   supervised=data.supervised))
         local = [next(it) for _ in range(cfg.train.eval_batches)]
         it.close()
         n_bytes = sum(target_bytes(data.tokenizer, b["targets"], b["loss_mask"]) for b in local)

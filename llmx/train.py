@@ -92,7 +92,7 @@ def train(cfg: Config, *, devices=None) -> RunSummary:
     train_iter = iter(
         data_lib.batches(
             data.train, data.tokenizer, seq_len=cfg.model.seq_len, global_rows=accum * micro_rows, rows=rows,
-            seed=cfg.train.seed, prefetch=cfg.data.prefetch, text_field=data.text_field,
+            seed=cfg.train.seed, prefetch=cfg.data.prefetch, text_field=data.text_field, supervised=data.supervised,
         )
     )
     writer = None
