@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from llmx import distributed
-from llmx.checkpoint import Checkpointer
+from llmx.checkpoint import Checkpointer, saved_state
 from llmx.errors import TrainingError
 from llmx.evaluate import EvalSet, evaluate_sets
 from llmx.flops import mfu
@@ -139,7 +139,8 @@ class Checkpoint(Hook):
     def save(self, loop: LoopState, step: int) -> None:
         self.metrics.flush(loop, step)
         data_state = distributed.global_data_state(loop.train_iter.get_state())
-        self.ckpt.save(step, loop.state, data_state=data_state, config_yaml=loop.cfg.to_yaml())
+        state = saved_state(loop.state, loop.steps, loop.cfg.checkpoint)  # the adapters alone, when asked
+        self.ckpt.save(step, state, data_state=data_state, config_yaml=loop.cfg.to_yaml())
 
     def close(self):
         self.ckpt.close()  # waits for a save in flight
