@@ -178,6 +178,34 @@ class Evaluate(Hook):
         return main.loss
 
 
+class EvalTasks(Hook):
+    """lm-evaluation-harness tasks (`train.eval_tasks`) every `every` steps, at step 0 of a fresh run and
+    at the end of a finished one: `tasks/<task>/<metric>` lines in metrics.jsonl. `runner(params) ->
+    {task: {metric: value}}` (`llmx.evaluate.task_runner`) holds the harness, so this module never
+    imports it."""
+
+    def __init__(self, runner, *, every: int):
+        self.runner, self.every = runner, every
+
+    def begin(self, loop):
+        if loop.start_step == 0 and self.every:
+            self.run(loop, 0)
+
+    def after_step(self, loop, step, metrics):
+        if self.due(loop, step):
+            self.run(loop, step)
+
+    def end(self, loop, step):
+        if loop.finished:
+            self.run(loop, step)
+
+    def run(self, loop: LoopState, step: int) -> None:
+        table = self.runner(loop.state.params)
+        loop.writer.write(step, {f"tasks/{task}/{m}": v for task, metrics in table.items() for m, v in metrics.items()})
+        loop.writer.message(f"step {step}: " + "; ".join(
+            f"{task} " + ", ".join(f"{m} {v:.4f}" for m, v in metrics.items()) for task, metrics in table.items()))
+
+
 class Profile(Hook):
     """A `jax.profiler` trace of steps [first, last] in `directory` (process 0 only)."""
 
