@@ -23,6 +23,7 @@ import difflib
 import functools
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -33,6 +34,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+import lm_eval.api.task  # noqa: E402
+import lm_eval.tasks  # noqa: E402
 from lm_eval import evaluator  # noqa: E402
 from lm_eval.api.model import LM  # noqa: E402
 from lm_eval.api.registry import register_model  # noqa: E402
@@ -48,6 +51,10 @@ from llmx.errors import ConfigError  # noqa: E402
 from llmx.generate import generate  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+# lm_eval draws a progress bar over every task's documents while it builds requests, with no switch to
+# turn it off; on a training run's stderr it is noise between the step lines.
+lm_eval.api.task.tqdm = functools.partial(lm_eval.api.task.tqdm, disable=True)
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "configs" / "tasks"
 MIN_BUCKET = 16
@@ -214,6 +221,24 @@ def _absolute_data_files(cfg: dict, yaml_dir: Path) -> dict:
     return {**cfg, "dataset_kwargs": kwargs} if files is not None else cfg
 
 
+_BUILTIN_TASKS = Path(lm_eval.tasks.__file__).parent
+_NAME_LINE = re.compile(r"^\s*(?:task|tag|group|task_alias)\s*:\s*['\"]?([\w.\-]+)", re.MULTILINE)
+
+
+def _check_builtin(names: Sequence[str], *, local: list[str], paths: Sequence[Path]) -> None:
+    """A ConfigError for a name that no built-in task YAML even mentions. Indexing lm_eval's ~14,000
+    YAMLs takes minutes on a busy 2-core machine; reading them as text takes seconds, so a typo fails
+    fast (a mentioned name still goes through the real index, which has the final word)."""
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in _BUILTIN_TASKS.rglob("*.yaml")]
+    for name in names:
+        if any(name in text for text in texts):
+            continue
+        known = local + [m for text in texts for m in _NAME_LINE.findall(text)]
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown task {name!r}{hint} (tasks: {', '.join(map(str, paths))} and lm_eval's own)")
+
+
 class Tasks:
     """The task index over configs/tasks and `include` directories (lm_eval's own tasks on demand)."""
 
@@ -229,6 +254,7 @@ class Tasks:
         files resolved, tags expanded, anything else by name (an unknown name is a ConfigError)."""
         missing = [n for n in names if n not in self.manager.task_index]
         if missing:
+            _check_builtin(missing, local=list(self.manager.task_index), paths=self.paths)
             log.info("indexing lm-evaluation-harness's built-in tasks for %s", ", ".join(missing))
             self.manager = TaskManager(include_path=[str(p) for p in self.paths], include_defaults=True)
         index = self.manager.task_index

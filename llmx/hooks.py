@@ -186,6 +186,7 @@ class EvalTasks(Hook):
 
     def __init__(self, runner, *, every: int):
         self.runner, self.every = runner, every
+        self.last_step: int | None = None  # the end of a run that just evaluated does not evaluate again
 
     def begin(self, loop):
         if loop.start_step == 0 and self.every:
@@ -196,10 +197,11 @@ class EvalTasks(Hook):
             self.run(loop, step)
 
     def end(self, loop, step):
-        if loop.finished:
+        if loop.finished and self.last_step != step:
             self.run(loop, step)
 
     def run(self, loop: LoopState, step: int) -> None:
+        self.last_step = step
         table = self.runner(loop.state.params)
         loop.writer.write(step, {f"tasks/{task}/{m}": v for task, metrics in table.items() for m, v in metrics.items()})
         loop.writer.message(f"step {step}: " + "; ".join(

@@ -248,9 +248,10 @@ class Formatter:
         return self.encode_text(rendered if rendered.startswith(self.cfg.bos_token) else self.cfg.bos_token + rendered)
 
 
-def encode_all(formatter: Formatter, records: list[Record], *, max_tokens: int) -> list[dict[str, np.ndarray]]:
+def encode_all(formatter: Formatter, records: list[Record], *, max_tokens: int) -> tuple[dict[str, np.ndarray], ...]:
     """Every record encoded (so every bad record is found now, not mid-training); records longer than a
-    packed row (`max_tokens`) are cut to it, and the count is logged."""
+    packed row (`max_tokens`) are cut to it, and the count is logged. A tuple: a random-access source
+    (`llmx.data.pipeline.document_stream` reads a list as a weighted mixture of sources)."""
     out, cut = [], 0
     for record in records:
         encoded = formatter.encode(record)
@@ -260,4 +261,4 @@ def encode_all(formatter: Formatter, records: list[Record], *, max_tokens: int) 
         out.append(encoded)
     if cut:
         log.warning("%d of %d records are longer than model.seq_len + 1 = %d tokens and were cut", cut, len(records), max_tokens)
-    return out
+    return tuple(out)
