@@ -3,7 +3,8 @@
 Builds the abstract train state (no parameters are allocated), compiles the real train step for the
 configured mesh, and reports per-device memory (the state's shards beside the ZeRO paper's
 (2+2+K)Psi/N accounting, and XLA's `memory_analysis` of the compiled step), FLOPs per step, and the
-collectives in the compiled HLO.
+collectives in the compiled HLO. On a pipelined mesh it adds the schedule, its bubble and the bytes the
+stages send (`llmx.pipeline`). `--no-compile` stops before compiling: the state's bytes and the schedule.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from llmx import batch as batch_lib
 from llmx import config as config_lib
 from llmx import mesh as mesh_lib
+from llmx import pipeline as pipeline_lib
 from llmx import targets
 from llmx.cli import run as run_cli
 from llmx.config import Config
@@ -56,6 +58,7 @@ class StateMemory:
     """Per-device bytes of each copy of the weights, measured from shardings, and ZeRO's expectation."""
 
     n_params: int
+    whole: int  # bytes of one unsharded copy of the state (params, grads, optimizer state)
     params: int
     grads: int
     opt_state: int
@@ -72,11 +75,16 @@ class StateMemory:
         return self.expected_params + self.expected_grads + self.expected_opt_state
 
 
-def zero_expectation(*, params: int, grads: int, opt_state: int, zero_stage: int, fsdp: int, tensor: int):
+def zero_expectation(
+    *, params: int, grads: int, opt_state: int, zero_stage: int, fsdp: int, tensor: int,
+    pipeline: int = 1, stack_share: float = 1.0,
+):
     """ZeRO §5.1 per device: stage 1 splits the optimizer state K·Psi over the N=fsdp group, stage 2
     also the gradients, stage 3 also the parameters; tensor parallelism splits everything by T
-    (Megatron; norm scales, replicated there, are a rounding error)."""
-    split = lambda nbytes, from_stage: nbytes / tensor / (fsdp if zero_stage >= from_stage else 1)  # noqa: E731
+    (Megatron; norm scales, replicated there, are a rounding error); pipeline stages split the layer
+    stack, `stack_share` of the bytes (the embedding and output projection stay on every stage)."""
+    stages = stack_share / pipeline + (1 - stack_share)
+    split = lambda nbytes, from_stage: nbytes * stages / tensor / (fsdp if zero_stage >= from_stage else 1)  # noqa: E731
     return split(params, 3), split(grads, 2), split(opt_state, 1)
 
 
@@ -92,9 +100,12 @@ def state_memory(cfg: Config, steps: Steps) -> StateMemory:
         zero_stage=cfg.mesh.zero_stage,
         fsdp=steps.mesh.shape["fsdp"],
         tensor=steps.mesh.shape["tensor"],
+        pipeline=steps.mesh.shape["pipeline"],
+        stack_share=pipeline_lib.stack_bytes(params) / _total_bytes(params),
     )
     return StateMemory(
         n_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
+        whole=2 * _total_bytes(params) + _total_bytes(opt),
         params=per_device_bytes(params),
         grads=per_device_bytes(grads),
         opt_state=per_device_bytes(opt),
@@ -120,6 +131,13 @@ def memory_report(cfg: Config, steps: Steps, state) -> str:
     return "per-device state: " + ", ".join(parts)
 
 
+def peak_bytes(analysis) -> int:
+    """A compiled step's per-device peak from XLA's memory analysis: its arguments (the state and the
+    batch), outputs not written over donated arguments, and temporaries."""
+    return (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+            + analysis.temp_size_in_bytes)
+
+
 def compile_train_step(cfg: Config, steps: Steps):
     state = abstract_with_shardings(steps.abstract_state, steps.state_shardings)
     return steps.train.lower(state, batch_lib.abstract_batch(cfg, steps.mesh)).compile()
@@ -132,22 +150,24 @@ def _cost(compiled) -> dict:
     return cost or {}
 
 
-def _roofline(*, model_flops: float, memory_bytes: float, chip) -> dict:
+def _roofline(*, model_flops: float, memory_bytes: float, chip, bubble: float = 0.0) -> dict:
     """A lower bound on step time: the slower of the chip's peak FLOP/s and its HBM bandwidth
-    (collectives and overheads are not modelled), and the MFU it implies."""
+    (collectives and overheads are not modelled), and the MFU it implies. A pipeline's stages compute
+    only in 1 - bubble of the step (`llmx.pipeline.Schedule.bubble`)."""
     if chip is None:
         return {}
-    seconds = max(model_flops / chip.peak_bf16_flops, memory_bytes / chip.hbm_bytes_per_second)
+    seconds = max(model_flops / chip.peak_bf16_flops / (1 - bubble), memory_bytes / chip.hbm_bytes_per_second)
     return {"estimated_step_seconds": seconds, "estimated_mfu": model_flops / (seconds * chip.peak_bf16_flops)}
 
 
-def _out_of_memory(message: str) -> tuple[float, float] | None:
+def compiler_out_of_memory(message: str) -> tuple[float, float] | None:
     """(bytes needed, bytes available) from XLA's "Ran out of memory on HBM" compile error."""
     m = re.search(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", message)
     return (float(m.group(1)) * 2**30, float(m.group(2)) * 2**30) if m else None
 
 
-def _base(cfg: Config, target: str, mesh, resolved, memory: StateMemory, tokens: int, model_flops: float) -> dict:
+def _base(cfg: Config, target: str, steps: Steps, resolved, memory: StateMemory, tokens: int, model_flops: float) -> dict:
+    mesh = steps.mesh
     return {
         "target": target,
         "mesh": dict(mesh.shape),
@@ -162,47 +182,52 @@ def _base(cfg: Config, target: str, mesh, resolved, memory: StateMemory, tokens:
         "zero_expected_bytes": {"params": memory.expected_params, "grads": memory.expected_grads,
                                 "opt_state": memory.expected_opt_state, "total": memory.expected_total},
         "model_flops_per_step_per_device": model_flops,
-    }
+    } | ({"pipeline": pipeline_lib.traffic(cfg, mesh, steps.pipeline, steps.abstract_state.params)}
+         if steps.pipeline is not None else {})
 
 
-def plan(cfg: Config, *, target: str = "current", devices=None) -> dict:
-    """The plan as a JSON-ready dict (bytes and FLOPs are per device)."""
+def plan(cfg: Config, *, target: str = "current", devices=None, compile: bool = True) -> dict:
+    """The plan as a JSON-ready dict (bytes and FLOPs are per device). `compile=False` stops at what the
+    shapes and shardings tell (the state's bytes, the pipeline's schedule): seconds, where compiling a 1B
+    step for a TPU target takes minutes."""
     resolved = targets.resolve(target)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices if devices is not None else resolved.devices)
     steps = build_steps(cfg, mesh)
     memory = state_memory(cfg, steps)
     tokens = batch_lib.tokens_per_step(cfg, mesh)
     model_flops = flops_per_token(cfg.model) * tokens / mesh.size
+    if not compile:
+        return _base(cfg, target, steps, resolved, memory, tokens, model_flops)
     try:
         compiled = compile_train_step(cfg, steps)
     except jax.errors.JaxRuntimeError as e:
-        refused = _out_of_memory(str(e))
+        refused = compiler_out_of_memory(str(e))
         if refused is None or resolved.chip is None:
             raise
         # The TPU compiler refuses a program that cannot fit: report its numbers as the verdict.
-        return _base(cfg, target, mesh, resolved, memory, tokens, model_flops) | {
+        return _base(cfg, target, steps, resolved, memory, tokens, model_flops) | {
             "memory": {"hbm_bytes": resolved.chip.hbm_bytes, "fits": False, "shortfall_bytes": refused[0] - refused[1],
                        "compiler": f"temporaries need {refused[0] / 2**30:.2f} GiB of {refused[1] / 2**30:.2f} GiB available"},
         }
     analysis = compiled.memory_analysis()
     cost = _cost(compiled)
-    peak_bytes = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
-                  + analysis.temp_size_in_bytes)
-    result = _base(cfg, target, mesh, resolved, memory, tokens, model_flops) | {
+    peak = peak_bytes(analysis)
+    result = _base(cfg, target, steps, resolved, memory, tokens, model_flops) | {
         "compiled_bytes": {
             "arguments": analysis.argument_size_in_bytes,
             "outputs": analysis.output_size_in_bytes,
             "aliased": analysis.alias_size_in_bytes,
             "temporaries": analysis.temp_size_in_bytes,
-            "peak_estimate": peak_bytes,
+            "peak_estimate": peak,
         },
         "xla_flops_per_step_per_device": cost.get("flops"),
         "collectives": collective_counts(compiled.as_text()),
     }
     if resolved.chip is not None:
         hbm = resolved.chip.hbm_bytes
-        result["memory"] = {"hbm_bytes": hbm, "fits": peak_bytes <= hbm, "shortfall_bytes": max(0, peak_bytes - hbm)}
-        result.update(_roofline(model_flops=model_flops, memory_bytes=peak_bytes, chip=resolved.chip))
+        result["memory"] = {"hbm_bytes": hbm, "fits": peak <= hbm, "shortfall_bytes": max(0, peak - hbm)}
+        bubble = steps.pipeline.bubble if steps.pipeline is not None else 0.0
+        result.update(_roofline(model_flops=model_flops, memory_bytes=peak, chip=resolved.chip, bubble=bubble))
     return result
 
 
@@ -220,7 +245,7 @@ def format_plan(p: dict) -> str:
     ]
     for key, label in (("params", "parameters"), ("grads", "gradients"), ("opt_state", "optimizer state"), ("total", "total")):
         lines.append(f"  {label:<20}{_mb(p['state_bytes'][key]):>14}{_mb(p['zero_expected_bytes'][key]):>16}")
-    lines += ["", "compiled train step, per device"]
+    lines += ["", "compiled train step, per device" if "compiled_bytes" in p else "train step not compiled (--no-compile)"]
     for key, value in p.get("compiled_bytes", {}).items():
         lines.append(f"  {key:<20}{_mb(value):>14}")
     if "memory" in p:
@@ -237,6 +262,8 @@ def format_plan(p: dict) -> str:
                      " (peak FLOP/s vs HBM bandwidth; collectives not modelled)")
     if "collectives" in p:
         lines.append("collectives  " + "  ".join(f"{k} {v}" for k, v in p["collectives"].items()))
+    if "pipeline" in p:
+        lines.append(pipeline_lib.describe_traffic(p["pipeline"]))
     return "\n".join(lines)
 
 
@@ -247,9 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="current",
                         help="current (local devices), a TPU topology (v5e:2x2, v4:2x2x1, v5p:2x2x1, v6e:2x2) "
                         "or a GPU target (h100:1x1x8, h200:1x1x8, a100:1x1x8)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="stop at the state's per-device bytes and the pipeline's schedule (no compiled step)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_intermixed_args(argv)
-    result = plan(config_lib.load(args.config, args.overrides), target=args.target)
+    result = plan(config_lib.load(args.config, args.overrides), target=args.target, compile=args.compile)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0
 

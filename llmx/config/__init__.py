@@ -196,12 +196,19 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
+    pipeline: int = _field(1, min=-1, help="pipeline stages: the layer stack split over devices, micro-batches streamed through")
     data: int = _field(-1, min=-1, help="pure data-parallel replicas (-1: the devices left over)")
     fsdp: int = _field(1, min=-1, help="ZeRO/FSDP group size: batch is split over it too (-1: fill)")
     tensor: int = _field(1, min=-1, help="tensor-parallel (Megatron) group size (-1: fill)")
     zero_stage: int = _field(0, choices=(0, 1, 2, 3), help="what is sharded over fsdp: 1 opt state, 2 +grads, 3 +params")
     offload_optimizer: bool = _field(
         False, help="keep the optimizer state in pinned host memory between steps (GPU/TPU; a no-op on CPU)"
+    )
+    pipeline_repeats: int = _field(
+        1, min=1, help="circular pipeline: each stage holds this many non-contiguous slices of the layers (bubble / R)"
+    )
+    pipeline_gather_weights_once: bool = _field(
+        True, help="zero_stage 3 with pipeline > 1: gather a stage's weights once per step, not once per micro-batch"
     )
 
     def validate(self) -> None:
@@ -233,6 +240,12 @@ class TrainConfig:
     profile_steps: tuple = _field((), help="[start, end]: write a jax.profiler trace of these steps to run_dir/profile")
     compilation_cache_dir: str = _field(
         "~/.cache/llmx/jax", help="JAX persistent compilation cache ('' disables)"
+    )
+    wait_for_lock: float = _field(
+        0.0, min=0.0, help="seconds to wait for another trainer to release train.run_dir (0: exit at once, naming it)"
+    )
+    skip_fit_check: bool = _field(
+        False, help="start even if the step's memory need (llmx.plan) exceeds what the devices have available"
     )
     on_nan: str = _field(
         "skip",
@@ -279,6 +292,12 @@ class CheckpointConfig:
         False, help="with model.lora_rank: checkpoints hold the adapters and optimizer state, not the frozen base "
         "(read from checkpoint.restore_from)"
     )
+    on_corrupt: str = _field(
+        "fallback",
+        choices=("fallback", "stop"),
+        help="an unreadable checkpoint on resume: move it to checkpoints/corrupt/<step> and resume from the newest "
+        "one that reads completely (fallback), or stop with an error (stop)",
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -313,6 +332,28 @@ class Config:
         if self.checkpoint.adapters_only and not (self.model.lora_rank and self.checkpoint.restore_from):
             raise ConfigError(
                 "checkpoint.adapters_only=true needs model.lora_rank > 0 and checkpoint.restore_from (the frozen base)"
+            )
+        if self.mesh.pipeline != -1:  # -1 is checked once the mesh is built (llmx.step.build_steps)
+            self.check_pipeline(self.mesh.pipeline)
+
+    def check_pipeline(self, stages: int) -> None:
+        """The pipeline's arithmetic for `stages` stages (llmx.pipeline): the layers split evenly into
+        stages x repeats slices, and at least one micro-batch per stage (GPipe; the circular schedule
+        needs it so the last stage's output is back at the first stage before it is needed)."""
+        repeats, layers, micro = self.mesh.pipeline_repeats, self.model.n_layers, self.train.grad_accum_steps
+        if stages == 1:
+            if repeats > 1:
+                raise ConfigError(f"mesh.pipeline_repeats={repeats} needs mesh.pipeline > 1; set it to 1")
+            return
+        if layers % (stages * repeats):
+            raise ConfigError(
+                f"model.n_layers={layers} is not divisible by mesh.pipeline {stages} x mesh.pipeline_repeats "
+                f"{repeats} = {stages * repeats}; use a multiple of {stages * repeats} layers or fewer stages/repeats"
+            )
+        if micro < stages:
+            raise ConfigError(
+                f"train.grad_accum_steps={micro} is smaller than mesh.pipeline={stages}: the pipeline streams "
+                f"grad_accum_steps micro-batches through {stages} stages; set train.grad_accum_steps >= {stages}"
             )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from llmx.config import Config
 from llmx.data import sources as sources_lib
 from llmx.data import supervised
-from llmx.data.tokenizer import build_tokenizer
+from llmx.data.tokenizer import build_tokenizer, check_tokenizer
 from llmx.errors import DataError
 
 
@@ -78,7 +78,20 @@ def _tokenizer(cfg: Config, corpus_texts, *, run_dir: Path | None):
     )
 
 
+def check_sources(cfg: Config) -> None:
+    """The quick part of `prepare_data`: every text source lists some files and the tokenizer file
+    exists, so a typo is one line before anything slow (preparing a corpus can take minutes)."""
+    d = cfg.data
+    names = [name for name, _ in sources_lib.parse_mixture(d.source)] + list(_named_sources(d.eval_sources).values())
+    for name in names:
+        # A single .jsonl file is a supervised source (llmx.data.supervised.read_records reads it).
+        if not name.startswith("tfds:") and not Path(name).expanduser().is_file():
+            sources_lib.resolve_files(name, max_documents=d.max_documents)
+    check_tokenizer(d)
+
+
 def prepare_data(cfg: Config, *, run_dir: Path | None = None) -> PreparedData:
+    check_sources(cfg)
     d = cfg.data
     if d.format != "text":
         return _prepare_supervised(cfg, run_dir=run_dir)
