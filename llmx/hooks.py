@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from llmx import distributed
-from llmx.checkpoint import Checkpointer
+from llmx.checkpoint import Checkpointer, saved_state
 from llmx.errors import ResourceError, TrainingError
 from llmx.evaluate import EvalSet, evaluate_sets
 from llmx.flops import mfu
@@ -156,7 +156,8 @@ class Checkpoint(Hook):
     def save(self, loop: LoopState, step: int) -> None:
         self.metrics.flush(loop, step)
         data_state = distributed.global_data_state(loop.train_iter.get_state())
-        self.ckpt.save(step, loop.state, data_state=data_state, config_yaml=loop.cfg.to_yaml())
+        state = saved_state(loop.state, loop.steps, loop.cfg.checkpoint)  # the adapters alone, when asked
+        self.ckpt.save(step, state, data_state=data_state, config_yaml=loop.cfg.to_yaml())
 
     def close(self):
         self.ckpt.close()  # waits for a save in flight
@@ -192,6 +193,36 @@ class Evaluate(Hook):
         loop.writer.message(f"step {step}: " + ", ".join(
             f"{r.name} loss {r.loss:.4f} ({r.bits_per_byte:.3f} bits/byte)" for r in results))
         return main.loss
+
+
+class EvalTasks(Hook):
+    """lm-evaluation-harness tasks (`train.eval_tasks`) every `every` steps, at step 0 of a fresh run and
+    at the end of a finished one: `tasks/<task>/<metric>` lines in metrics.jsonl. `runner(params) ->
+    {task: {metric: value}}` (`llmx.evaluate.task_runner`) holds the harness, so this module never
+    imports it."""
+
+    def __init__(self, runner, *, every: int):
+        self.runner, self.every = runner, every
+        self.last_step: int | None = None  # the end of a run that just evaluated does not evaluate again
+
+    def begin(self, loop):
+        if loop.start_step == 0 and self.every:
+            self.run(loop, 0)
+
+    def after_step(self, loop, step, metrics):
+        if self.due(loop, step):
+            self.run(loop, step)
+
+    def end(self, loop, step):
+        if loop.finished and self.last_step != step:
+            self.run(loop, step)
+
+    def run(self, loop: LoopState, step: int) -> None:
+        self.last_step = step
+        table = self.runner(loop.state.params)
+        loop.writer.write(step, {f"tasks/{task}/{m}": v for task, metrics in table.items() for m, v in metrics.items()})
+        loop.writer.message(f"step {step}: " + "; ".join(
+            f"{task} " + ", ".join(f"{m} {v:.4f}" for m, v in metrics.items()) for task, metrics in table.items()))
 
 
 class Profile(Hook):

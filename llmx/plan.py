@@ -90,11 +90,12 @@ def zero_expectation(
 
 def state_memory(cfg: Config, steps: Steps) -> StateMemory:
     params = abstract_with_shardings(steps.abstract_state.params, steps.state_shardings.params)
-    grads = abstract_with_shardings(steps.abstract_state.params, steps.grad_shardings)
+    trainable = steps.partition.split(steps.abstract_state.params)[0]  # all, or the LoRA adapters
+    grads = abstract_with_shardings(trainable, steps.grad_shardings)
     opt = abstract_with_shardings(steps.abstract_state.opt_state, steps.state_shardings.opt_state)
     expected = zero_expectation(
         params=_total_bytes(params),
-        grads=_total_bytes(params),  # gradients have the parameters' dtype
+        grads=_total_bytes(grads),  # gradients have the trainable parameters' dtype
         opt_state=_total_bytes(opt),
         zero_stage=cfg.mesh.zero_stage,
         fsdp=steps.mesh.shape["fsdp"],
@@ -118,7 +119,7 @@ def memory_report(cfg: Config, steps: Steps, state) -> str:
     """The start-up report: per-device bytes of each copy of the weights, measured on the live shards,
     beside ZeRO's expectation for this stage and mesh."""
     expected = state_memory(cfg, steps)
-    grads = abstract_with_shardings(steps.abstract_state.params, steps.grad_shardings)
+    grads = abstract_with_shardings(steps.partition.split(steps.abstract_state.params)[0], steps.grad_shardings)
     actual = {
         "params": sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(state.params)),
         "grads": per_device_bytes(grads),  # gradients live only inside the step: from their shardings

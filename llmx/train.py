@@ -28,7 +28,7 @@ from llmx.checkpoint import Checkpointer, check_restore_from, initial_state
 from llmx.cli import run as run_cli
 from llmx.config import Config
 from llmx.errors import ConfigError
-from llmx.evaluate import build_eval_sets
+from llmx.evaluate import build_eval_sets, task_runner
 from llmx.flops import flops_per_token, peak_flops
 from llmx.loop import Hook, LoopState, RunSummary
 from llmx.loop import run as run_loop
@@ -67,6 +67,8 @@ def build_hooks(cfg: Config, *, steps: Steps, ckpt: Checkpointer, eval_sets, tok
         hooks.Checkpoint(ckpt, every=cfg.checkpoint.every, metrics=metrics),
         hooks.Evaluate(eval_sets, every=t.eval_every),
     ]
+    if t.eval_tasks:  # lm-evaluation-harness, imported only now (the eval extra)
+        actions.append(hooks.EvalTasks(task_runner(cfg, steps, tokenizer), every=t.eval_tasks_every or t.eval_every))
     if t.profile_steps and jax.process_index() == 0:
         actions.append(hooks.Profile(*t.profile_steps, directory=run_dir / "profile"))
     if t.sample_tokens:
@@ -83,7 +85,7 @@ def data_iterator(cfg: Config, data: data_lib.PreparedData, *, micro_rows: int):
                                  leading=accum, rows=micro_rows)
     return iter(data_lib.batches(
         data.train, data.tokenizer, seq_len=cfg.model.seq_len, global_rows=accum * micro_rows, rows=rows,
-        seed=cfg.train.seed, prefetch=cfg.data.prefetch, text_field=data.text_field,
+        seed=cfg.train.seed, prefetch=cfg.data.prefetch, text_field=data.text_field, supervised=data.supervised,
     ))
 
 
