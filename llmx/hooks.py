@@ -72,9 +72,11 @@ class KeepRunLock(Hook):
 class Metrics(Hook):
     """Fetches the metrics of the steps dispatched since the last flush (one host sync every `every`
     steps), writes them with throughput and MFU, and checks them: a non-finite loss stops the run under
-    `train.on_nan=stop`. The first step is flushed alone: its time is mostly compilation."""
+    `train.on_nan=stop`. The first step is flushed alone: its time is mostly compilation. MFU is left
+    out where `peak_flops` is None (`llmx.flops.peak_flops` knows no figure for the device)."""
 
-    def __init__(self, *, every: int, tokens_per_step: int, peak_flops: float, flops_per_token: float, on_nan: str):
+    def __init__(self, *, every: int, tokens_per_step: int, peak_flops: float | None, flops_per_token: float,
+                 on_nan: str):
         self.every = every
         self.tokens_per_step = tokens_per_step
         self.peak_flops = peak_flops
@@ -113,8 +115,10 @@ class Metrics(Hook):
             m.pop("tokens")
             m["skipped_steps"] = int(m["skipped_steps"])
             loop.summary.losses[s] = m["loss"]
-            loop.writer.write(s, {**m, "step_time": step_time, "tokens_per_second": tokens_per_second,
-                                  "mfu": mfu(tokens_per_second, self.flops_per_token, self.peak_flops)})
+            m.update(step_time=step_time, tokens_per_second=tokens_per_second)
+            if self.peak_flops is not None:  # unknown device, no train.peak_flops_per_device: left out
+                m["mfu"] = mfu(tokens_per_second, self.flops_per_token, self.peak_flops)
+            loop.writer.write(s, m)
             self._check_finite(loop, s, m)
         last = {k: float(v) for k, v in fetched[-1].items()}
         loop.writer.progress(step, loss=last["loss"], tok_s=tokens_per_second)

@@ -28,7 +28,7 @@ from llmx.cli import run as run_cli
 from llmx.config import Config
 from llmx.errors import ConfigError
 from llmx.evaluate import build_eval_sets
-from llmx.flops import flops_per_token, peak_flops
+from llmx.flops import flops_per_token, peak_flops, unknown_peak_warning
 from llmx.loop import Hook, LoopState, RunSummary
 from llmx.loop import run as run_loop
 from llmx.metrics import MetricsWriter
@@ -54,9 +54,12 @@ def build_hooks(cfg: Config, *, steps: Steps, ckpt: Checkpointer, eval_sets, tok
                 lock: runlock.RunLock | None = None) -> list[Hook]:
     """The loop's actions in the order it calls them (llmx.hooks says why this order)."""
     t = cfg.train
+    peak = peak_flops(steps.mesh.devices.flat, per_device=t.peak_flops_per_device)
+    if peak is None and jax.process_index() == 0:
+        log.warning(unknown_peak_warning(steps.mesh.devices.flat))
     metrics = hooks.Metrics(
         every=t.log_every, tokens_per_step=batch_lib.tokens_per_step(cfg, steps.mesh),
-        peak_flops=peak_flops(steps.mesh.devices.flat),
+        peak_flops=peak,
         flops_per_token=flops_per_token(cfg.model), on_nan=t.on_nan,
     )
     actions: list[Hook] = [
