@@ -63,7 +63,7 @@ def build_hooks(cfg: Config, *, steps: Steps, ckpt: Checkpointer, eval_sets, tok
         flops_per_token=flops_per_token(cfg.model), on_nan=t.on_nan,
     )
     actions: list[Hook] = [
-        hooks.StopOnSignal(),
+        hooks.StopOnSignal(every=t.stop_check_every),
         hooks.KeepRunLock(lock),
         metrics,
         hooks.Checkpoint(ckpt, every=cfg.checkpoint.every, metrics=metrics),

@@ -220,6 +220,10 @@ class TrainConfig:
     loss_scale_window: int = _field(1000, min=1, help="fp16: steps without overflow before the scale doubles")
     hysteresis: int = _field(2, min=1, help="fp16: overflows tolerated before the scale is halved")
     min_loss_scale: float = _field(1.0, min=0.0, help="fp16: the dynamic scale never drops below this")
+    stop_check_every: int = _field(
+        10, min=1, help="several processes: steps between the all-reduce that turns a stop signal on any process "
+        "into a stop of all of them after the same step (1: every step; each check waits for the step)"
+    )
     peak_flops_per_device: float = _field(
         0.0, min=0.0, help="bf16 peak FLOP/s of one device for MFU (0: llmx.flops's data-sheet table or the CPU probe)"
     )
