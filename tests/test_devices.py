@@ -1,12 +1,21 @@
 """Unknown accelerators train: the peak table, train.peak_flops_per_device, MFU left out with one warning."""
 
+import json
 import logging
+import subprocess
+import sys
 import types
 
+import jax
+import jax.numpy as jnp
 import pytest
+from conftest import REPO
 from helpers import read_metrics, small_config
 
-from llmx import flops, train as train_mod
+from llmx import attention, flops
+from llmx import mesh as mesh_lib
+from llmx import train as train_mod
+from llmx.config import MeshConfig
 from llmx.train import train
 
 
@@ -52,3 +61,56 @@ def test_unknown_device_trains_without_mfu_then_with_the_given_peak(tmp_path, da
     for m in [m for m in read_metrics(tmp_path / "b" / "run") if "loss" in m]:
         expected = m["tokens_per_second"] * flops.flops_per_token(cfg.model) / (1e9 * n)
         assert m["mfu"] == pytest.approx(expected, rel=1e-9)
+
+
+def _fused_vs_xla_attention(name: str) -> tuple[float, float]:
+    """Largest |difference| of outputs and of q/k/v gradients, `name` against XLA, bf16, two documents."""
+    b, t, h, k, d = 2, 512, 8, 2, 128
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, kk, v = (jax.random.normal(key, (b, t, n, d), jnp.bfloat16) for key, n in zip(keys, (h, k, k)))
+    segments = (jnp.arange(t) >= t // 3).astype(jnp.int32)[None].repeat(b, 0)  # (B, T): two documents
+
+    def outputs(impl):
+        fn = attention.ATTENTION[impl]
+        with mesh_lib.activation_sharding(mesh_lib.make_mesh(MeshConfig(data=1), jax.devices()[:1])):
+            out = jax.jit(lambda *a: fn(*a, segments))(q, kk, v)
+            grads = jax.jit(jax.grad(lambda *a: fn(*a, segments).astype(jnp.float32).sum(), argnums=(0, 1, 2)))(q, kk, v)
+        return out.astype(jnp.float32), grads
+
+    (out, grads), (ref, ref_grads) = outputs(name), outputs("xla")
+    grad_diff = max(float(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32)).max()) for g, r in zip(grads, ref_grads))
+    return float(jnp.abs(out - ref).max()), grad_diff
+
+
+@pytest.mark.gpu
+def test_cudnn_attention_equals_xla_on_a_gpu():
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU: scripts/device_check.py runs this on a lent one")
+    out_diff, grad_diff = _fused_vs_xla_attention("cudnn")
+    assert out_diff < 0.05 and grad_diff < 0.5  # bf16: one ulp at |x| ~ 4 is 2**-5; a wrong mask is O(1)
+
+
+@pytest.mark.tpu
+def test_splash_attention_equals_xla_on_a_tpu():
+    if jax.default_backend() != "tpu":
+        pytest.skip("needs a TPU: scripts/device_check.py runs this on a lent one")
+    out_diff, grad_diff = _fused_vs_xla_attention("splash")
+    assert out_diff < 0.05 and grad_diff < 0.5
+
+
+@pytest.mark.slow
+def test_device_check_dry_run_prints_its_summary(subprocess_env, tmp_path):
+    """scripts/device_check.py --dry on CPU (so the script a lent device runs cannot rot): one JSON summary."""
+    env = dict(subprocess_env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, "scripts/device_check.py", "--dry", "--json", str(tmp_path / "s.json")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary == json.loads((tmp_path / "s.json").read_text())
+    assert summary["ok"] and summary["dry"] and summary["platform"] == "cpu" and summary["local_devices"] == 2
+    assert summary["tests"]["collected"] == 2  # the gpu- and tpu-marked tests of this file
+    assert summary["adamw"]["fraction_of_copy"] > 0 and summary["adamw"]["kernel"] == "jnp reference"
+    for run in (summary["mfu"]["one_device"], summary["mfu"]["all_devices_fsdp"]):
+        assert run["tokens_per_second"] > 0 and 0 < run["mfu"] < 1
+    assert summary["mfu"]["all_devices_fsdp"]["devices"] == 2
+    assert summary["attention"]["max_abs_diff_out"] == 0.0 and summary["attention"]["kernel"] == "xla"
