@@ -34,6 +34,7 @@ from llmx.loop import run as run_loop
 from llmx.metrics import MetricsWriter
 from llmx.plan import memory_report
 from llmx.step import Steps, build_steps
+from llmx.tracking import WandbRun
 
 log = logging.getLogger("llmx")
 
@@ -141,9 +142,10 @@ def train(cfg: Config, *, devices=None) -> RunSummary:
         )
         log.info(memory_report(cfg, steps, state))
         log.info(fits)
+        sinks = (WandbRun(cfg, run_dir),) if cfg.train.wandb_project and jax.process_index() == 0 else ()
         writer = opened.enter_context(contextlib.closing(
             MetricsWriter(run_dir, total_steps=cfg.train.steps, start_step=start, progress=cfg.train.progress,
-                          tensorboard_dir=cfg.train.tensorboard_dir, csv_dir=cfg.train.csv_dir)
+                          tensorboard_dir=cfg.train.tensorboard_dir, csv_dir=cfg.train.csv_dir, sinks=sinks)
         ))
         loop = LoopState(cfg=cfg, steps=steps, state=state, train_iter=train_iter, writer=writer,
                          summary=RunSummary(start_step=start), run_dir=run_dir, checkpoint_dir=ckpt.shown)

@@ -220,6 +220,10 @@ class TrainConfig:
     loss_scale_window: int = _field(1000, min=1, help="fp16: steps without overflow before the scale doubles")
     hysteresis: int = _field(2, min=1, help="fp16: overflows tolerated before the scale is halved")
     min_loss_scale: float = _field(1.0, min=0.0, help="fp16: the dynamic scale never drops below this")
+    wandb_project: str = _field("", help="log metrics and the config to this Weights & Biases project ('': off; the wandb extra)")
+    wandb_entity: str = _field("", help="W&B entity (team or user; '': your default)")
+    wandb_run_name: str = _field("", help="W&B run name ('': W&B picks one); a rerun resumes the same run")
+    wandb_tags: str = _field("", help="W&B tags of the run, comma-separated")
     stop_check_every: int = _field(
         10, min=1, help="several processes: steps between the all-reduce that turns a stop signal on any process "
         "into a stop of all of them after the same step (1: every step; each check waits for the step)"
