@@ -6,7 +6,9 @@ configured mesh, and reports per-device memory (the state's shards beside the Ze
 collectives and custom calls (Pallas/Mosaic, Triton, cuDNN kernels) in the compiled HLO. Every
 backend-dependent choice (attention kernel, Pallas compiled or interpreted, bf16 dots, offload memory)
 is made for the platform of the mesh compiled for, so `--target v5e:2x2` compiles what a v5e would run;
-the plan names the attention and optimizer kernels it used.
+the plan names the attention and optimizer kernels it used. On a pipelined mesh it adds the schedule,
+its bubble and the bytes the stages send (`llmx.pipeline`). `--no-compile` stops before compiling: the
+state's bytes and the schedule.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from llmx import batch as batch_lib
 from llmx import config as config_lib
 from llmx import mesh as mesh_lib
 from llmx import optim, targets
+from llmx import pipeline as pipeline_lib
 from llmx.cli import run as run_cli
 from llmx.config import Config
 from llmx.flops import flops_per_token
@@ -101,11 +104,16 @@ class StateMemory:
         return self.expected_params + self.expected_grads + self.expected_opt_state
 
 
-def zero_expectation(*, params: int, grads: int, opt_state: int, zero_stage: int, fsdp: int, tensor: int):
+def zero_expectation(
+    *, params: int, grads: int, opt_state: int, zero_stage: int, fsdp: int, tensor: int,
+    pipeline: int = 1, stack_share: float = 1.0,
+):
     """ZeRO §5.1 per device: stage 1 splits the optimizer state K·Psi over the N=fsdp group, stage 2
     also the gradients, stage 3 also the parameters; tensor parallelism splits everything by T
-    (Megatron; norm scales, replicated there, are a rounding error)."""
-    split = lambda nbytes, from_stage: nbytes / tensor / (fsdp if zero_stage >= from_stage else 1)  # noqa: E731
+    (Megatron; norm scales, replicated there, are a rounding error); pipeline stages split the layer
+    stack, `stack_share` of the bytes (the embedding and output projection stay on every stage)."""
+    stages = stack_share / pipeline + (1 - stack_share)
+    split = lambda nbytes, from_stage: nbytes * stages / tensor / (fsdp if zero_stage >= from_stage else 1)  # noqa: E731
     return split(params, 3), split(grads, 2), split(opt_state, 1)
 
 
@@ -120,6 +128,8 @@ def state_memory(cfg: Config, steps: Steps) -> StateMemory:
         zero_stage=cfg.mesh.zero_stage,
         fsdp=steps.mesh.shape["fsdp"],
         tensor=steps.mesh.shape["tensor"],
+        pipeline=steps.mesh.shape["pipeline"],
+        stack_share=pipeline_lib.stack_bytes(params) / _total_bytes(params),
     )
     return StateMemory(
         n_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
@@ -168,12 +178,13 @@ def _cost(compiled) -> dict:
     return cost or {}
 
 
-def _roofline(*, model_flops: float, memory_bytes: float, chip) -> dict:
+def _roofline(*, model_flops: float, memory_bytes: float, chip, bubble: float = 0.0) -> dict:
     """A lower bound on step time: the slower of the chip's peak FLOP/s and its HBM bandwidth
-    (collectives and overheads are not modelled), and the MFU it implies."""
+    (collectives and overheads are not modelled), and the MFU it implies. A pipeline's stages compute
+    only in 1 - bubble of the step (`llmx.pipeline.Schedule.bubble`)."""
     if chip is None:
         return {}
-    seconds = max(model_flops / chip.peak_bf16_flops, memory_bytes / chip.hbm_bytes_per_second)
+    seconds = max(model_flops / chip.peak_bf16_flops / (1 - bubble), memory_bytes / chip.hbm_bytes_per_second)
     return {"estimated_step_seconds": seconds, "estimated_mfu": model_flops / (seconds * chip.peak_bf16_flops)}
 
 
@@ -183,7 +194,8 @@ def compiler_out_of_memory(message: str) -> tuple[float, float] | None:
     return (float(m.group(1)) * 2**30, float(m.group(2)) * 2**30) if m else None
 
 
-def _base(cfg: Config, target: str, mesh, resolved, memory: StateMemory, tokens: int, model_flops: float) -> dict:
+def _base(cfg: Config, target: str, steps: Steps, resolved, memory: StateMemory, tokens: int, model_flops: float) -> dict:
+    mesh = steps.mesh
     return {
         "target": target,
         "mesh": dict(mesh.shape),
@@ -199,17 +211,22 @@ def _base(cfg: Config, target: str, mesh, resolved, memory: StateMemory, tokens:
                                 "opt_state": memory.expected_opt_state, "total": memory.expected_total},
         "model_flops_per_step_per_device": model_flops,
         "kernels": kernels(cfg, mesh),
-    }
+    } | ({"pipeline": pipeline_lib.traffic(cfg, mesh, steps.pipeline, steps.abstract_state.params)}
+         if steps.pipeline is not None else {})
 
 
-def plan(cfg: Config, *, target: str = "current", devices=None) -> dict:
-    """The plan as a JSON-ready dict (bytes and FLOPs are per device)."""
+def plan(cfg: Config, *, target: str = "current", devices=None, compile: bool = True) -> dict:
+    """The plan as a JSON-ready dict (bytes and FLOPs are per device). `compile=False` stops at what the
+    shapes and shardings tell (the state's bytes, the pipeline's schedule): seconds, where compiling a 1B
+    step for a TPU target takes minutes."""
     resolved = targets.resolve(target)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices if devices is not None else resolved.devices)
     steps = build_steps(cfg, mesh)
     memory = state_memory(cfg, steps)
     tokens = batch_lib.tokens_per_step(cfg, mesh)
     model_flops = flops_per_token(cfg.model) * tokens / mesh.size
+    if not compile:
+        return _base(cfg, target, steps, resolved, memory, tokens, model_flops)
     try:
         compiled = compile_train_step(cfg, steps)
     except jax.errors.JaxRuntimeError as e:
@@ -217,7 +234,7 @@ def plan(cfg: Config, *, target: str = "current", devices=None) -> dict:
         if refused is None or resolved.chip is None:
             raise
         # The TPU compiler refuses a program that cannot fit: report its numbers as the verdict.
-        return _base(cfg, target, mesh, resolved, memory, tokens, model_flops) | {
+        return _base(cfg, target, steps, resolved, memory, tokens, model_flops) | {
             "memory": {"hbm_bytes": resolved.chip.hbm_bytes, "fits": False, "shortfall_bytes": refused[0] - refused[1],
                        "compiler": f"temporaries need {refused[0] / 2**30:.2f} GiB of {refused[1] / 2**30:.2f} GiB available"},
         }
@@ -225,7 +242,7 @@ def plan(cfg: Config, *, target: str = "current", devices=None) -> dict:
     hlo = compiled.as_text()
     cost = _cost(compiled)
     peak = peak_bytes(analysis)
-    result = _base(cfg, target, mesh, resolved, memory, tokens, model_flops) | {
+    result = _base(cfg, target, steps, resolved, memory, tokens, model_flops) | {
         "compiled_bytes": {
             "arguments": analysis.argument_size_in_bytes,
             "outputs": analysis.output_size_in_bytes,
@@ -240,7 +257,8 @@ def plan(cfg: Config, *, target: str = "current", devices=None) -> dict:
     if resolved.chip is not None:
         hbm = resolved.chip.hbm_bytes
         result["memory"] = {"hbm_bytes": hbm, "fits": peak <= hbm, "shortfall_bytes": max(0, peak - hbm)}
-        result.update(_roofline(model_flops=model_flops, memory_bytes=peak, chip=resolved.chip))
+        bubble = steps.pipeline.bubble if steps.pipeline is not None else 0.0
+        result.update(_roofline(model_flops=model_flops, memory_bytes=peak, chip=resolved.chip, bubble=bubble))
     return result
 
 
@@ -259,7 +277,7 @@ def format_plan(p: dict) -> str:
     ]
     for key, label in (("params", "parameters"), ("grads", "gradients"), ("opt_state", "optimizer state"), ("total", "total")):
         lines.append(f"  {label:<20}{_mb(p['state_bytes'][key]):>14}{_mb(p['zero_expected_bytes'][key]):>16}")
-    lines += ["", "compiled train step, per device"]
+    lines += ["", "compiled train step, per device" if "compiled_bytes" in p else "train step not compiled (--no-compile)"]
     for key, value in p.get("compiled_bytes", {}).items():
         lines.append(f"  {key:<20}{_mb(value):>14}")
     if "memory" in p:
@@ -278,6 +296,8 @@ def format_plan(p: dict) -> str:
         lines.append("collectives  " + "  ".join(f"{k} {v}" for k, v in p["collectives"].items()))
     if p.get("custom_calls"):
         lines.append("custom calls  " + "  ".join(f"{k} {v}" for k, v in p["custom_calls"].items()))
+    if "pipeline" in p:
+        lines.append(pipeline_lib.describe_traffic(p["pipeline"]))
     return "\n".join(lines)
 
 
@@ -288,9 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="current",
                         help="current (local devices), a TPU topology (v5e:2x2, v4:2x2x1, v5p:2x2x1, v6e:2x2) "
                         "or a GPU target (h100:1x1x8, h200:1x1x8, a100:1x1x8)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="stop at the state's per-device bytes and the pipeline's schedule (no compiled step)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_intermixed_args(argv)
-    result = plan(config_lib.load(args.config, args.overrides), target=args.target)
+    result = plan(config_lib.load(args.config, args.overrides), target=args.target, compile=args.compile)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0
 

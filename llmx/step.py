@@ -1,12 +1,14 @@
 """The pure training and evaluation steps, and the sharded train state they act on.
 
 `train_step(state, batch) -> (state, metrics)` is jitted once with in/out shardings and a donated
-state. Gradients are accumulated over the leading micro-batch axis of `batch` with `lax.scan`, and
+state. Gradients are accumulated over the leading micro-batch axis of `batch` with `lax.scan` (on a
+pipelined mesh: in one pass that streams the micro-batches through the stages, `llmx.pipeline`), and
 the loss is normalised by the number of target tokens of the whole step, not per micro-batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable
@@ -21,7 +23,10 @@ from jax.sharding import Mesh
 from llmx import batch as batch_lib
 from llmx import mesh as mesh_lib
 from llmx import models, optim
+from llmx import pipeline as pipeline_lib
 from llmx.config import Config
+from llmx.errors import ConfigError
+from llmx.models.layers import stack_runner
 from llmx.loss_scaling import LossScaler, loss_scaler
 
 
@@ -47,6 +52,28 @@ def loss_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: dict) -> tuple[j
     return -(target_logp * mask).sum(), mask.sum()
 
 
+def accumulate_by_scan(grad_fn: Callable, params, batch: dict, grad_shardings) -> tuple[Any, jax.Array]:
+    """(summed gradients, summed loss) of the (A, B, T) batch, one micro-batch after another (`lax.scan`)."""
+
+    def accumulate(grad_sum, micro_batch):
+        (_, loss_sum), grads = grad_fn(params, micro_batch)
+        grads = jax.lax.with_sharding_constraint(grads, grad_shardings)  # ZeRO-2: reduce-scatter here
+        return jax.tree.map(jnp.add, grad_sum, grads), loss_sum
+
+    zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), grad_shardings)
+    grad_sum, micro_losses = jax.lax.scan(accumulate, zeros, batch)
+    return grad_sum, micro_losses.sum()
+
+
+def accumulate_in_one_pass(grad_fn: Callable, params, batch: dict, grad_shardings) -> tuple[Any, jax.Array]:
+    """(gradients, loss) of the (A, B, T) batch in one forward and backward pass over all its rows: a
+    pipelined mesh streams the A micro-batches through its stages (`llmx.pipeline`). Rows are laid out
+    b*A + a, so each device keeps its own rows and micro-batch a is every A-th row."""
+    rows = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1).reshape(-1, a.shape[-1]), batch)  # (A, B, T) -> (B*A, T)
+    (_, loss_sum), grads = grad_fn(params, rows)
+    return jax.lax.with_sharding_constraint(grads, grad_shardings), loss_sum
+
+
 def train_step(
     state: TrainState,
     batch: dict,
@@ -57,8 +84,10 @@ def train_step(
     grad_shardings: Any,
     scaler: LossScaler,
     opt_state_to_device: Callable = lambda opt_state: opt_state,
+    accumulate: Callable = accumulate_by_scan,
 ) -> tuple[TrainState, dict]:
-    """One optimizer step on a batch of (A, B, T) arrays: A micro-batches of B sequences."""
+    """One optimizer step on a batch of (A, B, T) arrays: A micro-batches of B sequences, their gradients
+    summed by `accumulate` (`accumulate_by_scan`, or `accumulate_in_one_pass` on a pipelined mesh)."""
     n_tokens = batch["loss_mask"].astype(jnp.float32).sum()
     inv_tokens = 1.0 / jnp.maximum(n_tokens, 1.0)
     # fp16: differentiate the loss times the loss scale, unscale the gradients (llmx.loss_scaling).
@@ -69,19 +98,12 @@ def train_step(
         return loss_sum * pre, loss_sum
 
     grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
-
-    def accumulate(grad_sum, micro_batch):
-        (_, loss_sum), grads = grad_fn(state.params, micro_batch)
-        grads = jax.lax.with_sharding_constraint(grads, grad_shardings)  # ZeRO-2: reduce-scatter here
-        return jax.tree.map(jnp.add, grad_sum, grads), loss_sum
-
-    zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, state.params), grad_shardings)
-    grad_sum, micro_losses = jax.lax.scan(accumulate, zeros, batch)
+    grad_sum, loss_sum = accumulate(grad_fn, state.params, batch, grad_shardings)
     grads = jax.tree.map(lambda g: g * post, grad_sum)
     old_opt_state = opt_state_to_device(state.opt_state)  # mesh.offload_optimizer: host -> device
     updates, opt_state = tx.update(grads, old_opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    loss, grad_norm = micro_losses.sum() * inv_tokens, optax.tree.norm(grads)
+    loss, grad_norm = loss_sum * inv_tokens, optax.tree.norm(grads)
     # A non-finite loss or gradient drops the whole update (DeepSpeed's skipped step): a select that
     # XLA fuses into the update, with no host round trip. fp16 overflows take the same path and
     # also lower the loss scale.
@@ -124,11 +146,18 @@ class Steps:
     evaluate: Callable[[nnx.State, dict], tuple[jax.Array, jax.Array]]
     batch_shardings: dict
     eval_batch_shardings: dict
+    pipeline: pipeline_lib.Schedule | None = None  # the train step's schedule on a pipelined mesh
 
 
 def build_steps(cfg: Config, mesh: Mesh) -> Steps:
     """The optimizer, the state's shardings and the jitted step functions for `cfg` on `mesh`."""
-    build = models.get(cfg.model.family).build
+    family = models.get(cfg.model.family)
+    build = family.build
+    schedule = pipeline_lib.schedule(cfg, mesh)
+    if schedule is not None and not family.pipelines:
+        raise ConfigError(
+            f"model.family={family.name} cannot be pipelined (its forward is not one stack of layers); set mesh.pipeline=1"
+        )
     abstract_model = nnx.eval_shape(lambda: build(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     stage = cfg.mesh.zero_stage
@@ -168,19 +197,27 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
     eval_batch_sh = batch_lib.eval_shardings(mesh)
     replicated = mesh_lib.replicated(mesh)
 
-    def under_rules(fn):
+    def under_rules(fn, layer_stack=contextlib.nullcontext):
         # Activations are constrained through the rules table while `fn` traces (the body of a jitted
-        # function runs only then), so the compiled step carries the constraints.
+        # function runs only then), so the compiled step carries the constraints; `layer_stack` installs
+        # the schedule of the layer stack (the pipeline's on a pipelined mesh).
         @functools.wraps(fn)
         def traced(*args):
-            with mesh_lib.activation_sharding(mesh):
+            with mesh_lib.activation_sharding(mesh), layer_stack():
                 return fn(*args)
 
         return traced
 
+    # On a pipelined mesh the train step's forward streams its micro-batches through the stages in one
+    # pass; evaluation and generation run the stack layer by layer (the stages act as data parallelism).
+    if schedule is None:
+        accumulate, layer_stack = accumulate_by_scan, contextlib.nullcontext
+    else:
+        accumulate = accumulate_in_one_pass
+        layer_stack = functools.partial(stack_runner, pipeline_lib.runner(cfg, mesh, schedule))
     step_fn = functools.partial(
         train_step, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule, grad_shardings=grad_sh, scaler=scaler,
-        opt_state_to_device=opt_state_to_device,
+        opt_state_to_device=opt_state_to_device, accumulate=accumulate,
     )
     return Steps(
         mesh=mesh,
@@ -191,7 +228,7 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
         init=jax.jit(under_rules(init), out_shardings=state_sh),
         init_from_params=jax.jit(under_rules(init_from_params), in_shardings=(param_sh,), out_shardings=state_sh),
         train=jax.jit(
-            under_rules(step_fn),
+            under_rules(step_fn, layer_stack),
             in_shardings=(state_sh, batch_sh),
             out_shardings=(state_sh, replicated),
             donate_argnums=0,
@@ -203,5 +240,6 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
         ),
         batch_shardings=batch_sh,
         eval_batch_shardings=eval_batch_sh,
+        pipeline=schedule,
     )
 

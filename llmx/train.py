@@ -23,6 +23,7 @@ from llmx import config as config_lib
 from llmx import data as data_lib
 from llmx import deepspeed, distributed, fit, hooks, runlock
 from llmx import mesh as mesh_lib
+from llmx import pipeline as pipeline_lib
 from llmx.checkpoint import Checkpointer, check_restore_from, initial_state
 from llmx.cli import run as run_cli
 from llmx.config import Config
@@ -142,6 +143,9 @@ def train(cfg: Config, *, devices=None) -> RunSummary:
         )
         log.info(memory_report(cfg, steps, state))
         log.info(fits)
+        if steps.pipeline is not None:
+            log.info(pipeline_lib.describe_traffic(
+                pipeline_lib.traffic(cfg, mesh, steps.pipeline, steps.abstract_state.params)))
         sinks = (WandbRun(cfg, run_dir),) if cfg.train.wandb_project and jax.process_index() == 0 else ()
         writer = opened.enter_context(contextlib.closing(
             MetricsWriter(run_dir, total_steps=cfg.train.steps, start_step=start, progress=cfg.train.progress,

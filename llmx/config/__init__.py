@@ -159,12 +159,19 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
+    pipeline: int = _field(1, min=-1, help="pipeline stages: the layer stack split over devices, micro-batches streamed through")
     data: int = _field(-1, min=-1, help="pure data-parallel replicas (-1: the devices left over)")
     fsdp: int = _field(1, min=-1, help="ZeRO/FSDP group size: batch is split over it too (-1: fill)")
     tensor: int = _field(1, min=-1, help="tensor-parallel (Megatron) group size (-1: fill)")
     zero_stage: int = _field(0, choices=(0, 1, 2, 3), help="what is sharded over fsdp: 1 opt state, 2 +grads, 3 +params")
     offload_optimizer: bool = _field(
         False, help="keep the optimizer state in pinned host memory between steps (GPU/TPU; a no-op on CPU)"
+    )
+    pipeline_repeats: int = _field(
+        1, min=1, help="circular pipeline: each stage holds this many non-contiguous slices of the layers (bubble / R)"
+    )
+    pipeline_gather_weights_once: bool = _field(
+        True, help="zero_stage 3 with pipeline > 1: gather a stage's weights once per step, not once per micro-batch"
     )
 
     def validate(self) -> None:
@@ -279,6 +286,28 @@ class Config:
     def validate(self) -> None:
         self.model.validate()
         self.mesh.validate()
+        if self.mesh.pipeline != -1:  # -1 is checked once the mesh is built (llmx.step.build_steps)
+            self.check_pipeline(self.mesh.pipeline)
+
+    def check_pipeline(self, stages: int) -> None:
+        """The pipeline's arithmetic for `stages` stages (llmx.pipeline): the layers split evenly into
+        stages x repeats slices, and at least one micro-batch per stage (GPipe; the circular schedule
+        needs it so the last stage's output is back at the first stage before it is needed)."""
+        repeats, layers, micro = self.mesh.pipeline_repeats, self.model.n_layers, self.train.grad_accum_steps
+        if stages == 1:
+            if repeats > 1:
+                raise ConfigError(f"mesh.pipeline_repeats={repeats} needs mesh.pipeline > 1; set it to 1")
+            return
+        if layers % (stages * repeats):
+            raise ConfigError(
+                f"model.n_layers={layers} is not divisible by mesh.pipeline {stages} x mesh.pipeline_repeats "
+                f"{repeats} = {stages * repeats}; use a multiple of {stages * repeats} layers or fewer stages/repeats"
+            )
+        if micro < stages:
+            raise ConfigError(
+                f"train.grad_accum_steps={micro} is smaller than mesh.pipeline={stages}: the pipeline streams "
+                f"grad_accum_steps micro-batches through {stages} stages; set train.grad_accum_steps >= {stages}"
+            )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -1,6 +1,6 @@
 """The layers model families share, in Flax NNX: RMSNorm, rotary embeddings, grouped-query attention
 (with its KV-cache decode), the SwiGLU MLP, and the runner of a stack of layers (scan or unrolled, with
-activation checkpointing).
+activation checkpointing) with its seam for another schedule (`run_stack`: the pipeline's).
 
 Every parameter names its logical axes (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, `layers`);
 `llmx.mesh` maps them to mesh axes, so this file knows nothing about devices.
@@ -10,6 +10,8 @@ Dh head_dim, F d_ff, V vocab, L layers.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import Any, Callable
 
@@ -154,18 +156,20 @@ class MLP(nnx.Module):
 
 
 def run_layers(
-    blocks: nnx.Module, layer_fn: Callable, carry, xs: Any = None, *, scan: bool, remat: str = "none"
+    blocks: nnx.Module, layer_fn: Callable, carry, xs: Any = None, *, scan: bool, remat: str = "none",
+    prepare: Callable = lambda layer_state: layer_state,
 ) -> tuple[Any, Any]:
     """Runs `layer_fn(block, carry, x) -> (carry, y)` over the layers of `blocks`, a module whose every
     Param has a leading (L,) axis (built under `nnx.vmap`), with x the layer's slice of `xs` (a pytree
     with a leading (L,) axis, or None); returns (carry, ys stacked to (L, ...)), like `lax.scan`.
     `scan`: one traced layer under `lax.scan`, so compile time does not grow with depth, or L unrolled
-    copies. `remat`: the activation-checkpointing policy of each layer (model.remat, REMAT_POLICIES)."""
+    copies. `remat`: the activation-checkpointing policy of each layer (model.remat, REMAT_POLICIES).
+    `prepare` maps a layer's weights before use (a pipeline stage gathers its ZeRO-3 shards there)."""
     graphdef, stacked = nnx.split(blocks)
 
     def layer(carry, inputs):
         layer_state, x = inputs
-        return layer_fn(nnx.merge(graphdef, layer_state), carry, x)
+        return layer_fn(nnx.merge(graphdef, prepare(layer_state)), carry, x)
 
     if remat != "none":
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat](traced_platform()), prevent_cse=not scan)
@@ -176,3 +180,33 @@ def run_layers(
         carry, y = layer(carry, jax.tree.map(functools.partial(lambda a, i: a[i], i=i), (stacked, xs)))
         ys.append(y)
     return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
+
+
+def _sequential(blocks: nnx.Module, layer_fn: Callable, carry, *, scan: bool, remat: str):
+    return run_layers(blocks, layer_fn, carry, scan=scan, remat=remat)[0]
+
+
+# How a forward pass runs its layer stack: one layer after another on every device, unless a step was
+# built for a pipelined mesh and installed the pipeline's schedule (`llmx.pipeline`) for its tracing.
+_STACK_RUNNER: contextvars.ContextVar[Callable] = contextvars.ContextVar("llmx_stack_runner", default=_sequential)
+
+
+@contextlib.contextmanager
+def stack_runner(runner: Callable):
+    """While tracing under this context, `run_stack` runs the layer stack with `runner(blocks, layer_fn,
+    carry, *, scan, remat) -> carry` (the step builder picks it for the mesh, `llmx.step`)."""
+    token = _STACK_RUNNER.set(runner)
+    try:
+        yield
+    finally:
+        _STACK_RUNNER.reset(token)
+
+
+def run_stack(blocks: nnx.Module, layer_fn: Callable, carry, *, scan: bool, remat: str = "none"):
+    """A forward pass's layer stack: `layer_fn(block, carry, None) -> (carry, None)` over every layer of
+    `blocks`; returns the last carry. `carry` is a pytree of arrays with a leading row axis: the
+    activations and every per-row value the layers read (segment ids, positions), so a schedule that
+    splits the rows into micro-batches and runs them on different stages at once (the pipeline) hands
+    each layer the values of its rows. Runs `run_layers` unless a step installed another schedule
+    (`stack_runner`); decoding with a KV cache calls `run_layers` itself."""
+    return _STACK_RUNNER.get()(blocks, layer_fn, carry, scan=scan, remat=remat)

@@ -79,7 +79,9 @@ def candidates(base: Config, space: spec_lib.SystemSpace, n_devices: int) -> lis
                 continue
             accum = global_batch // (mbs * dp)
             try:
-                cfg = base.replace(mesh={"data": data, "fsdp": fsdp, "tensor": tensor, "zero_stage": stage},
+                # Layouts without pipeline stages (a pipelined base config is planned with python -m llmx.plan).
+                cfg = base.replace(mesh={"pipeline": 1, "pipeline_repeats": 1, "data": data, "fsdp": fsdp,
+                                         "tensor": tensor, "zero_stage": stage},
                                    train={"micro_batch_size": mbs, "grad_accum_steps": accum, "global_batch_size": 0},
                                    model={"remat": remat})
             except ConfigError as e:
