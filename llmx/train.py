@@ -97,6 +97,20 @@ def global_batches(train_iter, shardings: dict, *, accum: int) -> Iterator[dict]
         yield batch_lib.to_global(local, shardings, (accum,))
 
 
+# Paths that pathlib would turn into local directories named "gs:" and the like.
+LOCAL_PATH_KEYS = (("train", "run_dir"), ("checkpoint", "restore_from"), ("train", "tensorboard_dir"),
+                   ("train", "csv_dir"), ("data", "cache_dir"))
+
+
+def refuse_uris(cfg: Config) -> None:
+    """A bucket URI where llmx still takes a local path is an error, not a local `./gs:/bucket` directory."""
+    for section, key in LOCAL_PATH_KEYS:
+        value = getattr(getattr(cfg, section), key)
+        if "://" in value:
+            raise ConfigError(f"{section}.{key}={value}: URIs (gs://, s3://, ...) are not supported here yet; "
+                              "use a local path or a mounted bucket (gcsfuse, s3fs)")
+
+
 def make_run_dir(path: str) -> Path:
     run_dir = Path(path)
     if run_dir.exists() and not run_dir.is_dir():
@@ -113,6 +127,7 @@ def train(cfg: Config, *, devices=None) -> RunSummary:
     t_start = time.perf_counter()
     enable_compilation_cache(cfg.train.compilation_cache_dir)
     # Inputs that can be checked quickly are, before anything is created or prepared.
+    refuse_uris(cfg)
     data_lib.check_sources(cfg)
     check_restore_from(cfg.checkpoint, Path(cfg.train.run_dir) / "checkpoints")
     run_dir = make_run_dir(cfg.train.run_dir)
