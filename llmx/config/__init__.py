@@ -270,6 +270,17 @@ class TrainConfig:
     eval_tasks_every: int = _field(0, min=0, help="steps between task evaluations (0: train.eval_every); also at the end")
     eval_tasks_include: str = _field("", help="a directory of extra task YAMLs (besides configs/tasks)")
     eval_tasks_limit: int = _field(0, min=0, help="items per task (0: all)")
+    wandb_project: str = _field("", help="log metrics and the config to this Weights & Biases project ('': off; the wandb extra)")
+    wandb_entity: str = _field("", help="W&B entity (team or user; '': your default)")
+    wandb_run_name: str = _field("", help="W&B run name ('': W&B picks one); a rerun resumes the same run")
+    wandb_tags: str = _field("", help="W&B tags of the run, comma-separated")
+    stop_check_every: int = _field(
+        10, min=1, help="several processes: steps between the all-reduce that turns a stop signal on any process "
+        "into a stop of all of them after the same step (1: every step; each check waits for the step)"
+    )
+    peak_flops_per_device: float = _field(
+        0.0, min=0.0, help="bf16 peak FLOP/s of one device for MFU (0: llmx.flops's data-sheet table or the CPU probe)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
