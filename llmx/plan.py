@@ -3,8 +3,12 @@
 Builds the abstract train state (no parameters are allocated), compiles the real train step for the
 configured mesh, and reports per-device memory (the state's shards beside the ZeRO paper's
 (2+2+K)Psi/N accounting, and XLA's `memory_analysis` of the compiled step), FLOPs per step, and the
-collectives in the compiled HLO. On a pipelined mesh it adds the schedule, its bubble and the bytes the
-stages send (`llmx.pipeline`). `--no-compile` stops before compiling: the state's bytes and the schedule.
+collectives and custom calls (Pallas/Mosaic, Triton, cuDNN kernels) in the compiled HLO. Every
+backend-dependent choice (attention kernel, Pallas compiled or interpreted, bf16 dots, offload memory)
+is made for the platform of the mesh compiled for, so `--target v5e:2x2` compiles what a v5e would run;
+the plan names the attention and optimizer kernels it used. On a pipelined mesh it adds the schedule,
+its bubble and the bytes the stages send (`llmx.pipeline`). `--no-compile` stops before compiling: the
+state's bytes and the schedule.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ from collections import Counter
 import jax
 import numpy as np
 
+from llmx import attention as attention_lib
 from llmx import batch as batch_lib
 from llmx import config as config_lib
 from llmx import mesh as mesh_lib
+from llmx import optim, targets
 from llmx import pipeline as pipeline_lib
-from llmx import targets
 from llmx.cli import run as run_cli
 from llmx.config import Config
 from llmx.flops import flops_per_token
@@ -38,6 +43,30 @@ def collective_counts(hlo_text: str) -> dict[str, int]:
     """Collective instructions in HLO text by kind (async `-start` forms counted once, `-done` not)."""
     counts = Counter(m.group(1) for m in _COLLECTIVE_RE.finditer(hlo_text))
     return {kind: counts.get(kind, 0) for kind in COLLECTIVES}
+
+
+_CUSTOM_CALL_RE = re.compile(r'custom_call_target="([^"]+)"')
+# How Pallas lowers on each platform (on CPU it only interprets, so the jnp reference runs instead).
+PALLAS_LOWERING = {"tpu": "Mosaic", "gpu": "Triton", "cuda": "Triton", "rocm": "Triton"}
+
+
+def custom_call_counts(hlo_text: str) -> dict[str, int]:
+    """Custom calls in HLO text by target: tpu_custom_call (Mosaic: splash, Pallas kernels),
+    __gpu$xla.gpu.triton (Pallas on GPU), __cudnn$fmha* (cuDNN attention), ..."""
+    return dict(sorted(Counter(_CUSTOM_CALL_RE.findall(hlo_text)).items()))
+
+
+def kernels(cfg: Config, mesh) -> dict[str, str]:
+    """The attention and optimizer implementations a step compiled for `mesh` uses."""
+    platform = mesh.devices.flat[0].platform
+    attention = attention_lib.resolve(cfg.model.attention, cfg.model.dtype, platform)
+    if cfg.optim.impl == "optax":
+        optimizer = f"optax {cfg.optim.name} (XLA-fused)"
+    elif optim.fused_impl(mesh) == "pallas":
+        optimizer = f"Pallas {cfg.optim.name} kernel ({PALLAS_LOWERING.get(platform, platform)}, compiled)"
+    else:
+        optimizer = f"jnp reference of the Pallas {cfg.optim.name} kernel (Pallas only interprets on {platform})"
+    return {"attention": f"{attention} (model.attention={cfg.model.attention})", "optimizer": optimizer}
 
 
 def per_device_bytes(tree) -> int:
@@ -90,11 +119,12 @@ def zero_expectation(
 
 def state_memory(cfg: Config, steps: Steps) -> StateMemory:
     params = abstract_with_shardings(steps.abstract_state.params, steps.state_shardings.params)
-    grads = abstract_with_shardings(steps.abstract_state.params, steps.grad_shardings)
+    trainable = steps.partition.split(steps.abstract_state.params)[0]  # all, or the LoRA adapters
+    grads = abstract_with_shardings(trainable, steps.grad_shardings)
     opt = abstract_with_shardings(steps.abstract_state.opt_state, steps.state_shardings.opt_state)
     expected = zero_expectation(
         params=_total_bytes(params),
-        grads=_total_bytes(params),  # gradients have the parameters' dtype
+        grads=_total_bytes(grads),  # gradients have the trainable parameters' dtype
         opt_state=_total_bytes(opt),
         zero_stage=cfg.mesh.zero_stage,
         fsdp=steps.mesh.shape["fsdp"],
@@ -118,7 +148,7 @@ def memory_report(cfg: Config, steps: Steps, state) -> str:
     """The start-up report: per-device bytes of each copy of the weights, measured on the live shards,
     beside ZeRO's expectation for this stage and mesh."""
     expected = state_memory(cfg, steps)
-    grads = abstract_with_shardings(steps.abstract_state.params, steps.grad_shardings)
+    grads = abstract_with_shardings(steps.partition.split(steps.abstract_state.params)[0], steps.grad_shardings)
     actual = {
         "params": sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(state.params)),
         "grads": per_device_bytes(grads),  # gradients live only inside the step: from their shardings
@@ -181,6 +211,7 @@ def _base(cfg: Config, target: str, steps: Steps, resolved, memory: StateMemory,
         "zero_expected_bytes": {"params": memory.expected_params, "grads": memory.expected_grads,
                                 "opt_state": memory.expected_opt_state, "total": memory.expected_total},
         "model_flops_per_step_per_device": model_flops,
+        "kernels": kernels(cfg, mesh),
     } | ({"pipeline": pipeline_lib.traffic(cfg, mesh, steps.pipeline, steps.abstract_state.params)}
          if steps.pipeline is not None else {})
 
@@ -209,6 +240,7 @@ def plan(cfg: Config, *, target: str = "current", devices=None, compile: bool = 
                        "compiler": f"temporaries need {refused[0] / 2**30:.2f} GiB of {refused[1] / 2**30:.2f} GiB available"},
         }
     analysis = compiled.memory_analysis()
+    hlo = compiled.as_text()
     cost = _cost(compiled)
     peak = peak_bytes(analysis)
     result = _base(cfg, target, steps, resolved, memory, tokens, model_flops) | {
@@ -220,7 +252,8 @@ def plan(cfg: Config, *, target: str = "current", devices=None, compile: bool = 
             "peak_estimate": peak,
         },
         "xla_flops_per_step_per_device": cost.get("flops"),
-        "collectives": collective_counts(compiled.as_text()),
+        "collectives": collective_counts(hlo),
+        "custom_calls": custom_call_counts(hlo),
     }
     if resolved.chip is not None:
         hbm = resolved.chip.hbm_bytes
@@ -239,6 +272,7 @@ def format_plan(p: dict) -> str:
     lines = [
         f"target {p['target']}: mesh {mesh}  zero_stage={p['zero_stage']}  ({p['devices']} x {p['device_kind']})",
         f"parameters {p['parameters'] / 1e6:.2f}M   tokens per step {p['tokens_per_step']}",
+        f"attention {p['kernels']['attention']}   optimizer {p['kernels']['optimizer']}",
         "",
         f"{'per-device state':<22}{'actual':>14}{'ZeRO expects':>16}",
     ]
@@ -261,6 +295,8 @@ def format_plan(p: dict) -> str:
                      " (peak FLOP/s vs HBM bandwidth; collectives not modelled)")
     if "collectives" in p:
         lines.append("collectives  " + "  ".join(f"{k} {v}" for k, v in p["collectives"].items()))
+    if p.get("custom_calls"):
+        lines.append("custom calls  " + "  ".join(f"{k} {v}" for k, v in p["custom_calls"].items()))
     if "pipeline" in p:
         lines.append(pipeline_lib.describe_traffic(p["pipeline"]))
     return "\n".join(lines)

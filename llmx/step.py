@@ -4,6 +4,8 @@
 state. Gradients are accumulated over the leading micro-batch axis of `batch` with `lax.scan` (on a
 pipelined mesh: in one pass that streams the micro-batches through the stages, `llmx.pipeline`), and
 the loss is normalised by the number of target tokens of the whole step, not per micro-batch.
+Only the trainable part of the parameters (`llmx.models.lora.partition`: all of them, or the LoRA
+adapters) is differentiated and has optimizer state; a frozen base passes through the step unchanged.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from llmx.config import Config
 from llmx.errors import ConfigError
 from llmx.models.layers import stack_runner
 from llmx.loss_scaling import LossScaler, loss_scaler
+from llmx.models import lora
 from llmx.quantization import stored_builder
 
 
@@ -85,6 +88,7 @@ def train_step(
     grad_shardings: Any,
     scaler: LossScaler,
     opt_state_to_device: Callable = lambda opt_state: opt_state,
+    partition: lora.Partition,
     accumulate: Callable = accumulate_by_scan,
 ) -> tuple[TrainState, dict]:
     """One optimizer step on a batch of (A, B, T) arrays: A micro-batches of B sequences, their gradients
@@ -93,25 +97,27 @@ def train_step(
     inv_tokens = 1.0 / jnp.maximum(n_tokens, 1.0)
     # fp16: differentiate the loss times the loss scale, unscale the gradients (llmx.loss_scaling).
     pre, post = scaler.factors(state.loss_scale, inv_tokens)
+    trainable, frozen = partition.split(state.params)  # LoRA: (adapters, frozen base); else (all, None)
 
-    def scaled_loss(params, micro_batch):
-        loss_sum, _ = loss_sums(params, graphdef, micro_batch)
+    def scaled_loss(trainable, micro_batch):
+        loss_sum, _ = loss_sums(partition.merge(trainable, frozen), graphdef, micro_batch)
         return loss_sum * pre, loss_sum
 
     grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
-    grad_sum, loss_sum = accumulate(grad_fn, state.params, batch, grad_shardings)
+    grad_sum, loss_sum = accumulate(grad_fn, trainable, batch, grad_shardings)
     grads = jax.tree.map(lambda g: g * post, grad_sum)
     old_opt_state = opt_state_to_device(state.opt_state)  # mesh.offload_optimizer: host -> device
-    updates, opt_state = tx.update(grads, old_opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = tx.update(grads, old_opt_state, trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
     loss, grad_norm = loss_sum * inv_tokens, optax.tree.norm(grads)
     # A non-finite loss or gradient drops the whole update (DeepSpeed's skipped step): a select that
     # XLA fuses into the update, with no host round trip. fp16 overflows take the same path and
     # also lower the loss scale.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    params, opt_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, old_opt_state)
+    new_trainable, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), (new_trainable, opt_state), (trainable, old_opt_state)
     )
+    params = partition.merge(new_trainable, frozen)
     skipped_steps = state.skipped_steps + (~finite).astype(jnp.int32)
     loss_scale = scaler.update(state.loss_scale, finite)
     metrics = {
@@ -139,6 +145,7 @@ class Steps:
     mesh: Mesh
     graphdef: nnx.GraphDef
     abstract_state: TrainState
+    partition: lora.Partition  # (trainable, frozen) parameters: all trainable, or LoRA adapters on a frozen base
     state_shardings: TrainState
     grad_shardings: Any
     init: Callable[[], TrainState]
@@ -162,13 +169,16 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
         )
     abstract_model = nnx.eval_shape(lambda: build(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    lora.check_targets(abstract_params, cfg.model)
+    partition = lora.partition(cfg.model)
     stage = cfg.mesh.zero_stage
     param_sh = mesh_lib.weight_shardings(abstract_params, mesh, zero_stage=stage, role="params")
-    grad_sh = mesh_lib.weight_shardings(abstract_params, mesh, zero_stage=stage, role="grads")
-    moment_sh = mesh_lib.weight_shardings(abstract_params, mesh, zero_stage=stage, role="opt_state")
+    # Gradients and optimizer state exist for the trainable parameters only.
+    grad_sh = partition.split(mesh_lib.weight_shardings(abstract_params, mesh, zero_stage=stage, role="grads"))[0]
+    moment_sh = partition.split(mesh_lib.weight_shardings(abstract_params, mesh, zero_stage=stage, role="opt_state"))[0]
     tx, lr_schedule = optim.build(
         cfg.optim, cfg.train.steps, mesh=mesh, state_specs=jax.tree.map(lambda s: s.spec, moment_sh),
-        param_axes=nnx.get_partition_spec(abstract_params),
+        param_axes=partition.split(nnx.get_partition_spec(abstract_params))[0],  # pruning: the trainable ones
     )
 
     def init() -> TrainState:
@@ -181,12 +191,13 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
     def init_from_params(params: nnx.State) -> TrainState:
         zero = jnp.zeros((), jnp.int32)
         return TrainState(
-            step=zero, params=params, opt_state=tx.init(params), skipped_steps=zero, loss_scale=scaler.init()
+            step=zero, params=params, opt_state=tx.init(partition.split(params)[0]), skipped_steps=zero,
+            loss_scale=scaler.init(),
         )
 
     abstract_state = jax.eval_shape(init)
     opt_sh, opt_state_to_device = mesh_lib.offloaded(
-        mesh_lib.opt_state_shardings(abstract_state.opt_state, abstract_params, moment_sh, mesh),
+        mesh_lib.opt_state_shardings(abstract_state.opt_state, partition.split(abstract_params)[0], moment_sh, mesh),
         offload=cfg.mesh.offload_optimizer,
     )
     state_sh = TrainState(
@@ -220,12 +231,13 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
         layer_stack = functools.partial(stack_runner, pipeline_lib.runner(cfg, mesh, schedule))
     step_fn = functools.partial(
         train_step, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule, grad_shardings=grad_sh, scaler=scaler,
-        opt_state_to_device=opt_state_to_device, accumulate=accumulate,
+        opt_state_to_device=opt_state_to_device, accumulate=accumulate, partition=partition,
     )
     return Steps(
         mesh=mesh,
         graphdef=graphdef,
         abstract_state=abstract_state,
+        partition=partition,
         state_shardings=state_sh,
         grad_shardings=grad_sh,
         init=jax.jit(under_rules(init), out_shardings=state_sh),

@@ -17,9 +17,9 @@ the choices of `ModelConfig.attention`. A kernel that runs per shard gets the me
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
+from llmx import mesh as mesh_lib
 from llmx.attention.cudnn import cudnn_attention
 from llmx.attention.mask import attention_mask, masked_attention
 from llmx.attention.splash import splash_attention
@@ -39,15 +39,17 @@ __all__ = [
 ]
 
 ATTENTION = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_attention}
-# model.attention=auto by the backend the model is traced for (AOT targets: name the kernel).
+# model.attention=auto by the platform the model is traced for: the mesh's (an AOT plan for a TPU or
+# GPU target traces on a CPU host and gets that target's kernel), never the host's default backend.
 AUTO = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}
 
 
-def resolve(name: str, dtype) -> str:
-    """The implementation `model.attention=name` means here; cuDNN's flash kernel is bf16/fp16 only."""
+def resolve(name: str, dtype, platform: str | None = None) -> str:
+    """The implementation `model.attention=name` means for `platform` (None: the platform being traced
+    for, `llmx.mesh.traced_platform`); cuDNN's flash kernel is bf16/fp16 only."""
     low_precision = jnp.dtype(dtype) != jnp.float32
     if name == "auto":
-        name = AUTO.get(jax.default_backend(), "xla")
+        name = AUTO.get(platform or mesh_lib.traced_platform(), "xla")
         return name if name != "cudnn" or low_precision else "xla"
     if name == "cudnn" and not low_precision:
         raise ConfigError("model.attention=cudnn needs bf16 or fp16 compute; set train.precision=bf16 or use xla")

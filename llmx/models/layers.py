@@ -24,7 +24,8 @@ from llmx import attention as attention_lib
 from llmx.attention import attention_mask, masked_attention
 from llmx.config import ModelConfig
 from llmx.mesh import traced_platform
-from llmx.matmul import DOT, PROJECTION, einsum
+from llmx.matmul import DOT, PROJECTION
+from llmx.models import lora
 
 # Parameters are placed on devices by jit out_shardings derived from their logical axes (llmx.mesh),
 # not eagerly at creation, so building a model never needs a mesh.
@@ -104,14 +105,15 @@ class Attention(nnx.Module):
         # Residual projections scaled by 1/sqrt(2L) (GPT-2) so the stream's variance stays flat in depth.
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         self.wo = normal_param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), std=out_std, dtype=pd)
+        lora.attach(self, cfg, rngs, {"wq": 1, "wk": 1, "wv": 1, "wo": 2})  # model.lora_targets
 
     def _qkv(self, x, positions):
         """Rotated queries (B, T, H, Dh) and keys, values (B, T, K, Dh) in the compute dtype."""
         cfg = self.cfg
         dt = x.dtype
-        q = einsum("btd,dhk->bthk", x, self.wq[...])  # fp32 accumulation
-        k = einsum("btd,dnk->btnk", x, self.wk[...])
-        v = einsum("btd,dnk->btnk", x, self.wv[...])
+        q = lora.project(self, "wq", "btd,dhk->bthk", x)  # fp32 accumulation
+        k = lora.project(self, "wk", "btd,dnk->btnk", x)
+        v = lora.project(self, "wv", "btd,dnk->btnk", x)
         q = rope(q, positions, theta=cfg.rope_theta).astype(dt)  # (B, T, H, Dh)
         k = rope(k, positions, theta=cfg.rope_theta).astype(dt)  # (B, S, K, Dh)
         return q, k, v.astype(dt)
@@ -134,7 +136,7 @@ class Attention(nnx.Module):
 
     def _project(self, out):
         """Heads (B, T, H, Dh) -> the residual stream (B, T, D)."""
-        return einsum("bthk,hkd->btd", out, self.wo[...]).astype(out.dtype)
+        return lora.project(self, "wo", "bthk,hkd->btd", out).astype(out.dtype)
 
 
 class MLP(nnx.Module):
@@ -147,12 +149,13 @@ class MLP(nnx.Module):
         self.w_up = normal_param(rngs, (D, F), ("embed", "mlp"), std=cfg.init_std, dtype=pd)
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         self.w_down = normal_param(rngs, (F, D), ("mlp", "embed"), std=out_std, dtype=pd)
+        lora.attach(self, cfg, rngs, {"w_gate": 1, "w_up": 1, "w_down": 1})  # model.lora_targets
 
     def __call__(self, x):
-        gate = einsum("btd,df->btf", x, self.w_gate[...])  # (B, T, F) fp32
-        up = einsum("btd,df->btf", x, self.w_up[...])
+        gate = lora.project(self, "w_gate", "btd,df->btf", x)  # (B, T, F) fp32
+        up = lora.project(self, "w_up", "btd,df->btf", x)
         hidden = (jax.nn.silu(gate) * up).astype(x.dtype)  # (B, T, F)
-        return einsum("btf,fd->btd", hidden, self.w_down[...]).astype(x.dtype)
+        return lora.project(self, "w_down", "btf,fd->btd", hidden).astype(x.dtype)
 
 
 def run_layers(

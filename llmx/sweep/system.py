@@ -129,7 +129,11 @@ def assess(c: Candidate, *, target: str, devices) -> None:
     if not r["fits"]:
         r["note"] = "more than the available host memory"
         return
-    r["estimated_ms"] = 1e3 * flops * n / peak_flops(devices)
+    peak = peak_flops(devices, per_device=c.cfg.train.peak_flops_per_device)
+    if peak is None:
+        r["note"] = "no peak FLOP/s known for this device (llmx.flops.PEAK_BF16_FLOPS)"
+        return
+    r["estimated_ms"] = 1e3 * flops * n / peak
 
 
 def autotune(config: str | None, overrides: list[str], *, target: str = "current") -> dict:
