@@ -14,13 +14,16 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from llmx import attention as attention_lib
 from llmx import batch as batch_lib
 from llmx import mesh as mesh_lib
 from llmx import models, optim
+from llmx import sequence as sequence_lib
 from llmx.config import Config
 from llmx.loss_scaling import LossScaler, loss_scaler
 
@@ -124,10 +127,13 @@ class Steps:
     evaluate: Callable[[nnx.State, dict], tuple[jax.Array, jax.Array]]
     batch_shardings: dict
     eval_batch_shardings: dict
+    # The host-side token permutation (T,) of every batch (sequence load balancing), or None.
+    token_order: np.ndarray | None = None
 
 
 def build_steps(cfg: Config, mesh: Mesh) -> Steps:
     """The optimizer, the state's shardings and the jitted step functions for `cfg` on `mesh`."""
+    sequence = sequence_lib.resolve(cfg, mesh)  # checked before anything is built
     build = models.get(cfg.model.family).build
     abstract_model = nnx.eval_shape(lambda: build(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
@@ -169,11 +175,11 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
     replicated = mesh_lib.replicated(mesh)
 
     def under_rules(fn):
-        # Activations are constrained through the rules table while `fn` traces (the body of a jitted
-        # function runs only then), so the compiled step carries the constraints.
+        # Activations are constrained through the rules table, and attention runs the sequence-parallel
+        # strategy, while `fn` traces (the body of a jitted function runs only then).
         @functools.wraps(fn)
         def traced(*args):
-            with mesh_lib.activation_sharding(mesh):
+            with mesh_lib.activation_sharding(mesh), attention_lib.sequence_parallel(sequence):
                 return fn(*args)
 
         return traced
@@ -203,5 +209,6 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
         ),
         batch_shardings=batch_sh,
         eval_batch_shardings=eval_batch_sh,
+        token_order=sequence_lib.token_order(cfg.model.seq_len, sequence),
     )
 

@@ -64,10 +64,10 @@ def build_hooks(cfg: Config, *, steps: Steps, ckpt: Checkpointer, eval_sets, tok
     return actions
 
 
-def global_batches(train_iter, shardings: dict, *, accum: int) -> Iterator[dict]:
-    """This process's rows of each step -> the global (A, B, T) batch."""
+def global_batches(train_iter, steps: Steps, *, accum: int) -> Iterator[dict]:
+    """This process's rows of each step -> the global (A, B, T) batch, tokens in the step's order."""
     for local in train_iter:
-        yield batch_lib.to_global(local, shardings, (accum,))
+        yield batch_lib.to_global(local, steps.batch_shardings, (accum,), token_order=steps.token_order)
 
 
 def train(cfg: Config, *, devices=None) -> RunSummary:
@@ -111,7 +111,7 @@ def train(cfg: Config, *, devices=None) -> RunSummary:
                          summary=RunSummary(start_step=start), run_dir=run_dir, checkpoint_dir=ckpt.shown)
         actions = build_hooks(cfg, steps=steps, ckpt=ckpt, eval_sets=eval_sets, tokenizer=data.tokenizer,
                               run_dir=run_dir)
-        summary = run_loop(loop, actions, global_batches(train_iter, steps.batch_shardings, accum=accum),
+        summary = run_loop(loop, actions, global_batches(train_iter, steps, accum=accum),
                            train_step=steps.train)
     finally:
         # Closed on every path (the checkpointer last: a save in flight completes first).

@@ -53,7 +53,7 @@ def test_bad_values_name_the_key(override, message):
 BAD_COMMANDS = {
     "unknown key": (["model.d_modle=64"], "unknown config key 'model.d_modle'"),
     "wrong type": (["train.micro_batch_size=big"], "train.micro_batch_size='big' has the wrong type"),
-    "mesh 3x3 on 8 devices": (["mesh.data=3", "mesh.fsdp=3"], "mesh data=3xfsdp=3xtensor=1 has 9 devices but 8"),
+    "mesh 3x3 on 8 devices": (["mesh.data=3", "mesh.fsdp=3"], "mesh data=3xfsdp=3xsequence=1xtensor=1 has 9 devices but 8"),
     "zero layers": (["model.n_layers=0"], "model.n_layers=0 is out of range"),
     "heads not dividing d_model": (["model.n_heads=3"], "model.n_heads=3 does not divide model.d_model=256"),
     "missing config file": (["--config", "configs/nope.yaml"], "config file configs/nope.yaml does not exist"),
