@@ -3,7 +3,8 @@
     python scripts/bench_parallel.py [--config configs/tiny.yaml] [--steps 5] [--json] [key=value ...]
 
 Runs on 8 simulated CPU devices unless real devices are present (set XLA_FLAGS yourself to change).
-The global batch is the same for every layout (micro_batch_size is scaled by the data-parallel size).
+The global batch is the same for every layout (micro_batch_size is scaled by the data-parallel size),
+so a sequence-parallel layout holds the same tokens in fewer, longer-split rows per replica.
 """
 
 import os
@@ -12,22 +13,32 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 
 import jax  # noqa: E402
 
+from llmx import axes  # noqa: E402
 from llmx import config as config_lib  # noqa: E402
+from llmx import mesh as mesh_lib  # noqa: E402
 from llmx.benchmark import measure_train_step  # noqa: E402
 
-# name -> (data, fsdp, tensor, zero_stage)
+# name -> mesh overrides (None: one device)
 LAYOUTS = {
     "1 device": None,
-    "data=8": (8, 1, 1, 0),
-    "fsdp=8 zero1": (1, 8, 1, 1),
-    "fsdp=8 zero2": (1, 8, 1, 2),
-    "fsdp=8 zero3": (1, 8, 1, 3),
-    "fsdp=4 tensor=2 zero3": (1, 4, 2, 3),
-    "data=2 fsdp=2 tensor=2 zero2": (2, 2, 2, 2),
-    "tensor=8": (1, 1, 8, 0),
+    "data=8": {"data": 8},
+    "fsdp=8 zero1": {"fsdp": 8, "zero_stage": 1},
+    "fsdp=8 zero2": {"fsdp": 8, "zero_stage": 2},
+    "fsdp=8 zero3": {"fsdp": 8, "zero_stage": 3},
+    "fsdp=4 tensor=2 zero3": {"fsdp": 4, "tensor": 2, "zero_stage": 3},
+    "data=2 fsdp=2 tensor=2 zero2": {"data": 2, "fsdp": 2, "tensor": 2, "zero_stage": 2},
+    "tensor=8": {"tensor": 8},
+    "sequence=4 fsdp=2 all_gather zero3": {"sequence": 4, "fsdp": 2, "zero_stage": 3, "sequence_strategy": "all_gather"},
+    "sequence=4 fsdp=2 ulysses zero3": {"sequence": 4, "fsdp": 2, "zero_stage": 3, "sequence_strategy": "ulysses"},
+    "sequence=4 fsdp=2 ring zero3": {"sequence": 4, "fsdp": 2, "zero_stage": 3, "sequence_strategy": "ring"},
+    "sequence=4 fsdp=2 ring in order": {"sequence": 4, "fsdp": 2, "zero_stage": 3, "sequence_strategy": "ring",
+                                        "sequence_load_balance": False},
+    "sequence=8 ring zero3": {"sequence": 8, "zero_stage": 3, "sequence_strategy": "ring"},
+    "sequence=2 tensor=2 fsdp=2 zero3": {"sequence": 2, "tensor": 2, "fsdp": 2, "zero_stage": 3},
 }
 
 
@@ -43,23 +54,22 @@ def main() -> None:
     n = len(jax.devices())
     for name, layout in LAYOUTS.items():
         if layout is None:
-            overrides, devices, dp = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"], jax.devices()[:1], 1
+            overrides, devices = ["mesh.data=1"], jax.devices()[:1]
         else:
-            data, fsdp, tensor, stage = layout
-            if data * fsdp * tensor != n:
+            overrides, devices = ["mesh.data=1"] + [f"mesh.{k}={v}" for k, v in layout.items()], None
+            if math.prod(v for k, v in layout.items() if k in axes.NAMES) != n:
                 continue
-            overrides = [f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}", f"mesh.zero_stage={stage}"]
-            devices, dp = None, data * fsdp
-        micro = max(1, args.global_batch // dp)
+        shape = mesh_lib.mesh_shape(config_lib.load(args.config, [*args.overrides, *overrides]).mesh, len(devices or jax.devices()))
+        micro = max(1, args.global_batch // axes.data_parallel_size(shape))
         cfg = config_lib.load(args.config, [*args.overrides, *overrides, f"train.micro_batch_size={micro}"])
         results[name] = measure_train_step(cfg, devices=devices, steps=args.steps)
         results[name].pop("step_times")
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    print(f"{'layout':<30}{'tokens/s':>10}{'step ms':>10}{'state MiB/dev':>15}{'temp MiB/dev':>14}{'compile s':>11}")
+    print(f"{'layout':<36}{'tokens/s':>10}{'step ms':>10}{'state MiB/dev':>15}{'temp MiB/dev':>14}{'compile s':>11}")
     for name, r in results.items():
-        print(f"{name:<30}{r['tokens_per_second']:>10.0f}{r['step_time'] * 1e3:>10.1f}"
+        print(f"{name:<36}{r['tokens_per_second']:>10.0f}{r['step_time'] * 1e3:>10.1f}"
               f"{r['state_bytes_per_device'] / 2**20:>15.2f}{r['temp_bytes_per_device'] / 2**20:>14.2f}"
               f"{r['compile_seconds']:>11.1f}")
     print(f"(median of {args.steps} steps after 2 warmup steps; {n} {jax.devices()[0].platform} devices)")

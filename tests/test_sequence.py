@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import AxisType, Mesh
 
 from conftest import REPO
-from helpers import SMALL, small_config
+from helpers import SMALL, needs_extra, small_config
 from llmx import attention as attention_lib
 from llmx import axes
 from llmx import config as config_lib
@@ -33,7 +33,7 @@ from llmx.plan import main as plan_main
 from llmx.sequence import token_order
 from llmx.step import build_steps
 from llmx.train import train
-from test_attention import reference_attention
+from test_attention import reference_attention, run_worker
 
 T = 64  # tokens per sequence: 8 chunks of 8 on sequence=4 with load balancing
 GLOBAL_BATCH = 16
@@ -182,6 +182,21 @@ def test_splash_inside_ulysses_matches_one_device():
     np.testing.assert_allclose(out, reference_attention(q, k, v, jnp.asarray(seg)), rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(np.abs(r).max()))
+
+
+@pytest.mark.aot_tpu
+def test_aot_tpu_ulysses_runs_splash_per_device():
+    needs_extra("libtpu", "tpu")
+    report = run_worker("tpu_ulysses")
+    assert report["splash_kernel_calls"] > 0 and report["all_to_all"] >= 4, report
+
+
+@pytest.mark.aot_gpu
+def test_aot_h100_ulysses_runs_cudnn_per_device():
+    needs_extra("jax_plugins.xla_cuda12", "gpu")
+    needs_extra("nvidia.cudnn", "gpu")
+    report = run_worker("cuda_ulysses")
+    assert report["cudnn_calls"] > 0 and report["all_to_all"] >= 4, report
 
 
 # ---------------------------------------------------------------- load balance
