@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
@@ -54,6 +55,13 @@ def resolve(cfg: Config, mesh: Mesh) -> SequenceParallel | None:
     size = mesh.shape[AXIS]
     if size == 1:
         return None
+    along_axis = np.moveaxis(np.vectorize(lambda d: d.process_index)(mesh.devices), mesh.axis_names.index(AXIS), -1)
+    if (along_axis != along_axis[..., :1]).any():
+        # Each process builds whole rows (llmx.batch.to_global), so a sequence must stay on its devices.
+        raise ConfigError(
+            f"mesh.sequence={size} spans processes; keep each sequence on one process's devices by making "
+            f"the data-parallel size (mesh.data x mesh.fsdp) a multiple of the {jax.process_count()} processes"
+        )
     model, strategy = cfg.model, cfg.mesh.sequence_strategy
     platform = mesh.devices.flat[0].platform
     local = attention_lib.resolve(model.attention, _compute_dtype(cfg), platform)

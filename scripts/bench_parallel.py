@@ -1,6 +1,6 @@
 """Tokens/s and per-device memory of each parallel layout, side by side in one run.
 
-    python scripts/bench_parallel.py [--config configs/tiny.yaml] [--steps 5] [--json] [key=value ...]
+    python scripts/bench_parallel.py [--config configs/tiny.yaml] [--steps 5] [--only NAME,NAME] [--json] [key=value ...]
 
 Runs on 8 simulated CPU devices unless real devices are present (set XLA_FLAGS yourself to change).
 The global batch is the same for every layout (micro_batch_size is scaled by the data-parallel size),
@@ -47,12 +47,16 @@ def main() -> None:
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--only", default="", metavar="NAME,NAME",
+                        help="run only the layouts whose name contains one of these (e.g. '1 device,sequence')")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     results = {}
     n = len(jax.devices())
     for name, layout in LAYOUTS.items():
+        if args.only and not any(part in name for part in args.only.split(",")):
+            continue
         if layout is None:
             overrides, devices = ["mesh.data=1"], jax.devices()[:1]
         else:

@@ -30,6 +30,7 @@ from llmx.errors import ConfigError
 from llmx.cli import run as run_cli
 from llmx.plan import collective_counts, compile_train_step, longest_seq_len
 from llmx.plan import main as plan_main
+from llmx.run import restore_run
 from llmx.sequence import token_order
 from llmx.step import build_steps
 from llmx.train import train
@@ -79,7 +80,7 @@ def single_device_run(tmp_path_factory, data_dir, short_documents):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_trains_like_one_device(layout, single_device_run, tmp_path, data_dir, short_documents):
     """Per step loss within 1e-5 of one device, the final evaluation too (it runs on the mesh, in the
-    step's token order), and the same weights after 20 steps."""
+    step's token order), the same weights after 20 steps, and a checkpoint that reopens on one device."""
     overrides = LAYOUTS[layout]
     shape = mesh_lib.mesh_shape(config_lib.load(None, overrides).mesh, 8)
     micro = GLOBAL_BATCH // axes.data_parallel_size(shape)
@@ -91,6 +92,9 @@ def test_layout_trains_like_one_device(layout, single_device_run, tmp_path, data
     assert summary.final_eval_loss == pytest.approx(reference.final_eval_loss, rel=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
                  jax.device_get(summary.params), ref_params)
+    # The checkpoint holds the weights, not the layout: it reopens on one device as they were.
+    restored = restore_run(run_dir=str(tmp_path / "run"), single_device=True)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), jax.device_get(summary.params))
 
 
 # ---------------------------------------------------------------- the attention alone

@@ -47,6 +47,7 @@ __all__ = [
     "AUTO",
     "attention_mask",
     "LOCAL",
+    "SEQUENCE_KERNELS",
     "SEQUENCE_PARALLEL",
     "SequenceParallel",
     "causal_blocks",
