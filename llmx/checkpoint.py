@@ -10,6 +10,7 @@ one line naming the array, not a TensorStore traceback; nothing is ever deleted 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,19 +28,28 @@ from llmx.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def _absl_errors_only():
+    """Orbax warns through absl about choices made deliberately here (a handler override, a read-only
+    manager's save interval); those warnings are not the user's business and would break the
+    one-line error of a failed command."""
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_log.setLevel(level)
+
+
 def _single_host_array_writes() -> None:
     """Replica-parallel saving splits replicated shards among hosts; with one host it only adds a
     compiled slice per shard (dozens of tiny compilations per save on an 8-device CPU mesh)."""
     if jax.process_count() == 1:
-        absl_log = logging.getLogger("absl")
-        level = absl_log.level
-        absl_log.setLevel(logging.ERROR)  # the registry warns about every override; this one is deliberate
-        try:
+        with _absl_errors_only():  # the registry warns about every override
             ocp.type_handlers.register_type_handler(
                 jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
             )
-        finally:
-            absl_log.setLevel(level)
 
 
 def _reason(error: BaseException) -> str:
@@ -116,7 +126,8 @@ class Checkpointer:
             # Temporary directories of saves cut short by a crash: never readable, removed on start.
             cleanup_tmp_directories=not read_only,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        with _absl_errors_only():  # a read-only manager warns that it sets save_interval_steps=0
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._in_flight: int | None = None  # the step of the last save, until it is known to be complete
 
     def step_dir(self, step: int) -> Path:
@@ -230,7 +241,9 @@ def resolve(path: str | Path, *, given_as: str) -> tuple[Path, int]:
         path = path / "checkpoints"
     if not path.is_dir():
         raise CheckpointError(f"{given_as} {path}: no such checkpoint, checkpoints directory or run directory")
-    step = ocp.CheckpointManager(path.absolute(), options=ocp.CheckpointManagerOptions(read_only=True)).latest_step()
+    with _absl_errors_only():
+        manager = ocp.CheckpointManager(path.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step()
     if step is None:
         raise CheckpointError(f"{given_as} {path}: holds no complete checkpoint; train first")
     return path, step

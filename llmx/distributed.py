@@ -4,6 +4,9 @@ the trainer needs.
 Initialise when the environment says there are several processes:
 - explicit: `LLMX_COORDINATOR` (host:port), `LLMX_NUM_PROCESSES`, `LLMX_PROCESS_ID` (what `llmx.launch`
   sets), or the same given as arguments;
+- torchrun and DeepSpeed's launcher: `RANK`, `WORLD_SIZE` > 1, `MASTER_ADDR`, `MASTER_PORT`, and
+  `LOCAL_RANK` with `LOCAL_WORLD_SIZE` (torchrun) or `LOCAL_SIZE` (DeepSpeed): with several processes
+  on a host, each takes the one accelerator at its local rank, as torch's convention has it;
 - a Cloud TPU pod slice, SLURM (`SLURM_NTASKS` > 1) or Open MPI (`OMPI_COMM_WORLD_SIZE` > 1): JAX's own
   cluster detection fills in coordinator and ranks;
 otherwise run as a single process. Joining has a timeout (`LLMX_INIT_TIMEOUT`, seconds): a wrong
@@ -36,6 +39,25 @@ def _cluster_size() -> int:
             return int(os.environ[var])
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     return len(hosts.split(",")) if hosts else 1
+
+
+def launcher_env(environ=os.environ) -> dict | None:
+    """torchrun / DeepSpeed-launcher variables -> coordinator, num_processes, process_id, local_device_ids;
+    None when they do not describe several processes."""
+    world = environ.get("WORLD_SIZE", "")
+    if not (world.isdigit() and int(world) > 1 and environ.get("RANK", "").isdigit()):
+        return None
+    port = int(environ.get("MASTER_PORT", "29500"))
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        port += 1  # torchrun's agent serves its own TCP store on MASTER_PORT: JAX's coordinator takes the next
+    local_size = int(environ.get("LOCAL_WORLD_SIZE") or environ.get("LOCAL_SIZE") or 1)
+    local_rank = int(environ.get("LOCAL_RANK", "0"))
+    return {
+        "coordinator": f"{environ.get('MASTER_ADDR', '127.0.0.1')}:{port}",
+        "num_processes": int(world),
+        "process_id": int(environ["RANK"]),
+        "local_device_ids": [local_rank] if local_size > 1 else None,
+    }
 
 
 def _rendezvous(coordinator: str, num_processes: int, process_id: int, timeout_s: float) -> None:
@@ -95,13 +117,18 @@ def initialize(
     if process_id is None and os.environ.get("LLMX_PROCESS_ID"):
         process_id = int(os.environ["LLMX_PROCESS_ID"])
     timeout_s = timeout_s or int(os.environ.get("LLMX_INIT_TIMEOUT", "300"))
+    local_device_ids = None
+    if coordinator is None and (launched := launcher_env()) is not None:
+        coordinator, num_processes, process_id = launched["coordinator"], launched["num_processes"], launched["process_id"]
+        local_device_ids = launched["local_device_ids"]
     explicit = coordinator is not None and (num_processes or 0) > 1
     if not explicit and _cluster_size() <= 1:
         return False
     kwargs = {}
     if explicit:
         _rendezvous(coordinator, num_processes, process_id, timeout_s)
-        kwargs = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+        kwargs = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                      local_device_ids=local_device_ids)
     try:
         jax.distributed.initialize(initialization_timeout=timeout_s, **kwargs)
     except Exception as e:  # the coordination service reports failures as assorted runtime errors

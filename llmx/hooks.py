@@ -69,7 +69,7 @@ class Metrics(Hook):
 
     def before_step(self, loop, step):
         if self.clock is None:
-            self.clock, self.timed_from = time.perf_counter(), step + 1
+            self.clock, self.timed_from = time.perf_counter(), step
 
     def after_step(self, loop, step, metrics):
         self.pending.append((step, metrics))

@@ -1,8 +1,10 @@
-"""Where a run's numbers go: `metrics.jsonl` (one JSON object per line), TensorBoard event files, and
-the terminal (a progress bar and periodic log lines). Only process 0 writes."""
+"""Where a run's numbers go: `metrics.jsonl` (one JSON object per line), TensorBoard event files,
+optionally one CSV file per metric (DeepSpeed's csv_monitor layout: `<dir>/<name>.csv` with a
+`step,<name>` header), and the terminal (a progress bar and periodic log lines). Only process 0 writes."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -21,15 +23,19 @@ def _plain(value):
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, progress: bool):
+    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, progress: bool,
+                 tensorboard_dir: str = "", csv_dir: str = ""):
         self.enabled = jax.process_index() == 0
         self._file = None
         self._tb = None
         self._bar = None
+        self._csv_dir = Path(csv_dir) if csv_dir else None
         if not self.enabled:
             return
         self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self._tb = SummaryWriter(str(Path(tensorboard_dir) if tensorboard_dir else run_dir / "tensorboard"))
+        if self._csv_dir is not None:
+            self._csv_dir.mkdir(parents=True, exist_ok=True)
         if progress:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
@@ -41,6 +47,17 @@ class MetricsWriter:
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
                 self._tb.add_scalar(key, value, int(step))
+                if self._csv_dir is not None:
+                    self._write_csv(key, int(step), value)
+
+    def _write_csv(self, name: str, step: int, value) -> None:
+        path = self._csv_dir / (name.replace("/", "_").replace(" ", "_") + ".csv")
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["step", name.split("/")[-1]])
+            writer.writerow([step, value])
 
     def progress(self, step: int, **postfix) -> None:
         if self._bar is not None:

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 import pallas_kernels
 
+from llmx import ds_schedules
 from llmx.config import OptimConfig
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ SCHEDULES = {
         peak_value=cfg.lr,
         pct_start=(cfg.warmup_steps / total) if cfg.warmup_steps and total else 0.3,
     ),
+    **ds_schedules.SCHEDULES,  # DeepSpeed's WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -19,7 +20,7 @@ import jax
 from llmx import batch as batch_lib
 from llmx import config as config_lib
 from llmx import data as data_lib
-from llmx import distributed
+from llmx import deepspeed, distributed
 from llmx import hooks
 from llmx import mesh as mesh_lib
 from llmx.checkpoint import Checkpointer, initial_state
@@ -106,7 +107,8 @@ def train(cfg: Config, *, devices=None) -> RunSummary:
             micro_rows * accum, cfg.model.seq_len,
         )
         log.info(memory_report(cfg, steps, state))
-        writer = MetricsWriter(run_dir, total_steps=cfg.train.steps, start_step=start, progress=cfg.train.progress)
+        writer = MetricsWriter(run_dir, total_steps=cfg.train.steps, start_step=start, progress=cfg.train.progress,
+                               tensorboard_dir=cfg.train.tensorboard_dir, csv_dir=cfg.train.csv_dir)
         loop = LoopState(cfg=cfg, steps=steps, state=state, train_iter=train_iter, writer=writer,
                          summary=RunSummary(start_step=start), run_dir=run_dir, checkpoint_dir=ckpt.shown)
         actions = build_hooks(cfg, steps=steps, ckpt=ckpt, eval_sets=eval_sets, tokenizer=data.tokenizer,
@@ -126,11 +128,17 @@ def train(cfg: Config, *, devices=None) -> RunSummary:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmx.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("--deepspeed", metavar="DS_CONFIG", help="a DeepSpeed ds_config.json, applied on top of --config")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    ds = deepspeed.read(args.deepspeed) if args.deepspeed else None
     cfg = config_lib.load(args.config, args.overrides)
     distributed.initialize()
+    if ds is not None:  # its batch sizes need the device count of every process
+        cfg, _ = deepspeed.load(args.config, ds, args.overrides, n_devices=jax.device_count())
+        for warning in ds.warnings if jax.process_index() == 0 else ():
+            print(f"warning: {warning}", file=sys.stderr)
     summary = train(cfg)
     if summary.final_eval_loss is not None:
         log.info("final validation loss %.4f after %d steps", summary.final_eval_loss, summary.final_step)

@@ -9,7 +9,8 @@ from llmx import config as config_lib
 from llmx import models
 from llmx.errors import ConfigError
 
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+# sweep_*.yaml add a sweep: section that only llmx.sweep reads (tests/test_sweep.py loads them)
+CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("sweep_"))
 
 
 def test_configs_exist():

@@ -119,11 +119,32 @@ class OptimConfig:
     )
     lr: float = _field(3e-3, min=0.0, help="peak learning rate")
     schedule: str = _field(
-        "cosine", choices=("constant", "linear", "cosine", "step", "one_cycle"), help="learning-rate schedule"
+        "cosine",
+        choices=("constant", "linear", "cosine", "step", "one_cycle", "warmup_lr", "warmup_decay_lr",
+                 "warmup_cosine_lr", "one_cycle_linear"),
+        help="learning-rate schedule; the last four are DeepSpeed's WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle",
     )
     warmup_steps: int = _field(0, min=0, help="linear warmup from 0 to optim.lr")
     decay_steps: int = _field(0, min=0, help="steps of decay after warmup (0: until train.steps)")
     min_lr_ratio: float = _field(0.1, min=0.0, max=1.0, help="final lr / peak lr for linear and cosine")
+    warmup_type: str = _field(
+        "linear", choices=("linear", "log"), help="warmup shape of warmup_lr, warmup_decay_lr, warmup_cosine_lr"
+    )
+    warmup_min_lr: float = _field(
+        0.0, min=0.0, help="lr at the start of the DeepSpeed schedules' warmup (one_cycle_linear: the cycle's low end)"
+    )
+    schedule_steps: int = _field(
+        0, min=0, help="warmup_decay_lr, warmup_cosine_lr: total steps, warmup included (0: train.steps)"
+    )
+    cycle_down_steps: int = _field(
+        -1, min=-1, help="one_cycle_linear: steps from optim.lr back to warmup_min_lr (-1: warmup_steps)"
+    )
+    cycle_up_stairs: int = _field(0, min=0, help="one_cycle_linear: rise in this many stairs (0: continuously)")
+    cycle_down_stairs: int = _field(-1, min=-1, help="one_cycle_linear: fall in this many stairs (-1: cycle_up_stairs)")
+    cycle_decay_every: int = _field(
+        0, min=0, help="one_cycle_linear after the cycle: lr = warmup_min_lr / (1 + cycle_decay_rate x t / this) (0: flat)"
+    )
+    cycle_decay_rate: float = _field(0.0, min=0.0, help="one_cycle_linear: decay rate after the cycle")
     step_every: int = _field(1000, min=1, help="'step' schedule: multiply lr by step_gamma every this many steps")
     step_gamma: float = _field(0.1, min=0.0, help="'step' schedule decay factor")
     weight_decay: float = _field(0.0, min=0.0, help="decoupled weight decay")
@@ -200,6 +221,8 @@ class TrainConfig:
         choices=tuple(PRECISION_DTYPES),
         help="fp32 master weights with fp32, bf16 or fp16 compute (fp16: dynamic loss scaling)",
     )
+    tensorboard_dir: str = _field("", help="TensorBoard event files ('': run_dir/tensorboard)")
+    csv_dir: str = _field("", help="also write one step,value CSV file per metric here (DeepSpeed's csv_monitor; '': off)")
     loss_scale: float = _field(0.0, min=0.0, help="fp16: a static loss scale (0: dynamic scaling)")
     initial_scale_power: int = _field(16, min=0, max=64, help="fp16 dynamic scaling starts at 2**this")
     loss_scale_window: int = _field(1000, min=1, help="fp16: steps without overflow before the scale doubles")
@@ -358,8 +381,10 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
-def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """The config from a YAML file (or the defaults) with `section.key=value` overrides applied."""
+def load(path: str | Path | None = None, overrides: list[str] = (), *, base: dict[str, dict] | None = None) -> Config:
+    """The config from a YAML file (or the defaults) with `section.key=value` overrides applied.
+
+    `base` ({section: {key: value}}, e.g. a translated ds_config) goes between the file and the overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -371,6 +396,8 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
+    for section, values in (base or {}).items():
+        raw[section] = {**(raw.get(section) or {}), **values}
     for text in overrides:
         section, key, value = parse_override(text)
         if section not in SECTIONS:
