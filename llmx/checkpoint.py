@@ -6,10 +6,15 @@ only when every file is written, so a process killed mid-save leaves a temporary
 `latest_step` never reports (and that the next run's manager deletes), never a half-written `<step>`.
 Restores are checked against the target's shapes on metadata first, so an incompatible checkpoint is
 one line naming the array, not a TensorStore traceback; nothing is ever deleted on a failed restore.
+
+A checkpoint that cannot be read back (a truncated or missing file, garbled data-iterator or config
+JSON) is corrupt, not incompatible: under `checkpoint.on_corrupt=fallback` a resume moves it aside to
+`checkpoints/corrupt/<step>` and continues from the newest checkpoint that reads completely.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from pathlib import Path
@@ -20,12 +25,54 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
+from llmx import distributed
 from llmx import mesh as mesh_lib
 from llmx.config import CheckpointConfig
 from llmx.data.pipeline import state_from_json, state_to_json
-from llmx.errors import CheckpointError
+from llmx.errors import CheckpointError, CorruptCheckpointError
 
 log = logging.getLogger(__name__)
+
+CORRUPT_DIR = "corrupt"  # checkpoints/corrupt/<step>: unreadable steps moved aside, never deleted
+_DRAIN_SECONDS = 60.0
+
+
+class _DrainingEventLoop(asyncio.SelectorEventLoop):
+    """An event loop that lets its pending tasks finish before it closes.
+
+    Why: Orbax runs a restore's reads with `asyncio.gather` in a private loop that it closes as soon as
+    the gather raises. When one read fails (a truncated file), the other reads are still in flight in
+    TensorStore's threads; they complete later by calling `call_soon_threadsafe` on the closed loop
+    (a `RuntimeError: Event loop is closed` traceback from TensorStore's thread), and their abandoned
+    coroutines print `Exception ignored in: <coroutine ...>` when collected: dozens of tracebacks after
+    the one-line error, or in the middle of a run that fell back to an earlier checkpoint."""
+
+    def close(self) -> None:
+        pending = [t for t in asyncio.all_tasks(self) if not t.done()]
+        if pending and not self.is_running() and not self.is_closed():
+            self.run_until_complete(asyncio.wait(pending, timeout=_DRAIN_SECONDS))
+            for task in pending:  # retrieve (or cancel) each outcome: nothing is reported at collection
+                if task.done() and not task.cancelled():
+                    task.exception()
+                else:
+                    task.cancel()
+        super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _DrainingEventLoop()
+
+
+@contextlib.contextmanager
+def _drained_event_loops():
+    """Event loops created meanwhile (Orbax's, for one synchronous restore) drain before closing."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_DrainingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
 
 
 @contextlib.contextmanager
@@ -172,11 +219,12 @@ class Checkpointer:
         """A CheckpointError listing every array whose stored shape differs from `target`'s."""
         path = self.directory / str(step) / "state"
         try:
-            metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
+            with _drained_event_loops():
+                metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
         except Exception as e:  # noqa: BLE001 - missing or unreadable _METADATA
-            raise CheckpointError(
+            raise CorruptCheckpointError(
                 f"{self.step_dir(step)}: cannot read the checkpoint's metadata ({_reason(e)}); "
-                "it is incomplete or corrupt (nothing was deleted)"
+                "it is incomplete or corrupt"
             ) from None
         stored, wanted = _flat_shapes(metadata), _flat_shapes(target)
         if only_params:
@@ -196,20 +244,29 @@ class Checkpointer:
 
     def _read(self, step: int, args) -> Any:
         try:
-            return self._manager.restore(step, args=args)
+            with _drained_event_loops():
+                return self._manager.restore(step, args=args)
         except Exception as e:  # noqa: BLE001 - TensorStore raises plain Exception for truncated files
-            raise CheckpointError(
-                f"{self.step_dir(step)}: cannot read the checkpoint ({_reason(e)}); a file is truncated, "
-                "corrupt or missing (nothing was deleted)"
-            ) from None
+            raise self._unreadable(step, _reason(e)) from None
+
+    def _unreadable(self, step: int, reason: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{self.step_dir(step)}: cannot read the checkpoint ({reason}); a file is truncated, corrupt or missing"
+        )
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
         """(state, data iterator state) at `step`, placed with the shardings in `abstract_state`
-        (ShapeDtypeStructs with `.sharding`), whatever mesh or device count wrote the checkpoint."""
+        (ShapeDtypeStructs with `.sharding`), whatever mesh or device count wrote the checkpoint. Every
+        part is read (the config too), so a checkpoint that restores is one that reads completely."""
         self._check_shapes(step, abstract_state, only_params=False)
-        restored = self._read(
-            step, ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
-        )
+        restored = self._read(step, ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore(),
+        ))
+        if not isinstance(restored.data, dict):  # {} (a run imported at step 0) means "from the start"
+            raise self._unreadable(step, "its data iterator state is not a data pipeline state")
+        if not isinstance(restored.config, dict) or not isinstance(restored.config.get("yaml"), str):
+            raise self._unreadable(step, "its config part holds no config")
         return restored.state, state_from_json(restored.data)
 
     def restore_params(self, step: int, abstract_params) -> Any:
@@ -221,6 +278,21 @@ class Checkpointer:
             state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
         )
         return self._read(step, args).state["params"]
+
+    def move_aside(self, step: int) -> Path:
+        """Moves the step directory to `corrupt/<step>` (`<step>.2`, ... if that exists): out of the
+        manager's sight, never deleted. Only process 0 moves; every process then re-reads the steps."""
+        target = self.shown / CORRUPT_DIR / str(step)
+        if jax.process_index() == 0:
+            target.parent.mkdir(exist_ok=True)
+            n = 1
+            while target.exists():
+                n += 1
+                target = target.with_name(f"{step}.{n}")
+            (self.directory / str(step)).rename(target)
+        target = Path(distributed.gather_json(str(target))[0])  # process 0's name; a barrier too
+        self._manager.reload()
+        return target
 
     def close(self) -> None:
         """Waits for a save in flight, then releases the manager."""
@@ -249,20 +321,28 @@ def resolve(path: str | Path, *, given_as: str) -> tuple[Path, int]:
     return path, step
 
 
+def check_restore_from(cfg: CheckpointConfig, directory: Path) -> None:
+    """`checkpoint.restore_from` resolves, if it will be read: only by a run with no checkpoint of its own."""
+    own = directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+    if cfg.restore_from and not own:
+        resolve(cfg.restore_from, given_as="checkpoint.restore_from")
+
+
 def initial_state(ckpt: Checkpointer, cfg: CheckpointConfig, steps, train_iter) -> tuple[Any, int]:
-    """(state, step) to train from: the run's own newest checkpoint (a resume), else
+    """(state, step) to train from: the run's own newest readable checkpoint (a resume), else
     `checkpoint.restore_from` (all of it, or only its weights at step 0), else a fresh init.
     A full restore also moves `train_iter` to the saved data position."""
-    step = ckpt.latest_step()
-    if step is not None:
-        return _restore_full(ckpt, step, steps, train_iter)
+    if ckpt.all_steps():
+        return _resume(ckpt, cfg, steps, train_iter)
     if not cfg.restore_from:
         return steps.init(), 0
     directory, step = resolve(cfg.restore_from, given_as="checkpoint.restore_from")
     source = Checkpointer(directory, cfg, read_only=True)
     try:
         if cfg.restore_mode == "full":
-            return _restore_full(source, step, steps, train_iter)
+            state = _restore_full(source, step, steps, train_iter)
+            log.info("resumed from %s at step %d", source.step_dir(step), step)
+            return state, step
         target = mesh_lib.abstract_with_shardings(steps.abstract_state.params, steps.state_shardings.params)
         params = source.restore_params(step, target)
         log.info("starting at step 0 from the weights of %s", source.step_dir(step))
@@ -271,7 +351,43 @@ def initial_state(ckpt: Checkpointer, cfg: CheckpointConfig, steps, train_iter) 
         source.close()
 
 
-def _restore_full(source: Checkpointer, step: int, steps, train_iter) -> tuple[Any, int]:
+def _resume(ckpt: Checkpointer, cfg: CheckpointConfig, steps, train_iter) -> tuple[Any, int]:
+    """The newest of the run's checkpoints that reads completely. Under `on_corrupt=fallback` the
+    unreadable newer ones are moved aside once an older one has restored (so a run whose every
+    checkpoint is unreadable stops with nothing moved); under `stop` the first unreadable one stops the run.
+    Every process must agree, as each reads different shards: a step counts as read when all did."""
+    unreadable: list[tuple[int, str]] = []
+    for step in sorted(ckpt.all_steps(), reverse=True):
+        try:
+            state, error = _restore_full(ckpt, step, steps, train_iter), None
+        except CorruptCheckpointError as e:
+            state, error = None, str(e)
+        errors = [e for e in distributed.gather_json(error) if e is not None]
+        if not errors:
+            break
+        if cfg.on_corrupt == "stop":
+            raise CorruptCheckpointError(
+                f"{errors[0]} (nothing was moved or deleted); checkpoint.on_corrupt=fallback resumes from the "
+                "newest checkpoint that reads completely"
+            )
+        unreadable.append((step, errors[0]))
+    else:
+        older = len(unreadable) - 1
+        others = f"nor can the {older} older one{'s' * (older > 1)}" if older else "no older checkpoint exists"
+        raise CorruptCheckpointError(
+            f"{unreadable[0][1]}; {others} (nothing was moved or deleted): repair them, or move {ckpt.shown} away "
+            "to start afresh"
+        )
+    if not unreadable:
+        log.info("resumed from %s at step %d", ckpt.step_dir(step), step)
+        return state, step
+    moved = ", ".join(str(ckpt.move_aside(bad)) for bad, _ in unreadable)
+    log.warning("%s; moved to %s; resumed from %s at step %d (checkpoint.on_corrupt=fallback)",
+                "; ".join(reason for _, reason in unreadable), moved, ckpt.step_dir(step), step)
+    return state, step
+
+
+def _restore_full(source: Checkpointer, step: int, steps, train_iter) -> Any:
     state, data_state = source.restore(
         step, mesh_lib.abstract_with_shardings(steps.abstract_state, steps.state_shardings)
     )
@@ -282,5 +398,4 @@ def _restore_full(source: Checkpointer, step: int, steps, train_iter) -> tuple[A
             f"{source.step_dir(step)}: its data iterator state does not fit this data pipeline ({_reason(e)}); "
             "use checkpoint.restore_mode=weights to start the data from the beginning"
         ) from None
-    log.info("resumed from %s at step %d", source.step_dir(step), step)
-    return state, step
+    return state

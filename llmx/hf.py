@@ -22,7 +22,7 @@ from flax import nnx
 from llmx import axes
 from llmx import config as config_lib
 from llmx import mesh as mesh_lib
-from llmx import models
+from llmx import models, runlock
 from llmx.checkpoint import Checkpointer
 from llmx.cli import run as run_cli
 from llmx.config import DTYPES, ModelConfig
@@ -173,11 +173,12 @@ def import_run(hf_dir: str | Path, out: str | Path, overrides: list[str] = ()) -
     data_state = {}  # no data consumed yet: the trainer starts a fresh iterator from an empty state
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfg.to_yaml())
-    ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint)
-    ckpt.save(0, state, data_state=data_state, config_yaml=cfg.to_yaml())
-    ckpt.wait()
-    ckpt.close()
+    with runlock.hold(out):  # it writes a run directory, as a trainer does
+        (out / "config.yaml").write_text(cfg.to_yaml())
+        ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint)
+        ckpt.save(0, state, data_state=data_state, config_yaml=cfg.to_yaml())
+        ckpt.wait()
+        ckpt.close()
     return out
 
 

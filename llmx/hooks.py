@@ -1,8 +1,8 @@
-"""The training loop's actions (`llmx.loop.Hook`): the stop signal, metrics with the finite check,
-checkpoints, evaluation, profiling, and the end-of-run sample and plot.
+"""The training loop's actions (`llmx.loop.Hook`): the stop signal, the run directory's lock, metrics with the
+finite check, checkpoints, evaluation, profiling, and the end-of-run sample and plot.
 
-The trainer (`llmx.train.build_hooks`) lists them in the order the loop calls them: stop, metrics,
-checkpoint, eval, ... so a stop request is seen before metrics are flushed, metrics are checked
+The trainer (`llmx.train.build_hooks`) lists them in the order the loop calls them: stop, lock,
+metrics, checkpoint, eval, ... so a stop request is seen before metrics are flushed, metrics are checked
 before a checkpoint is written, and the checkpoint of a step is being written while its evaluation
 runs. A new periodic action is one class here and one line in `build_hooks`.
 """
@@ -17,12 +17,14 @@ import numpy as np
 
 from llmx import distributed
 from llmx.checkpoint import Checkpointer
-from llmx.errors import TrainingError
+from llmx.errors import ResourceError, TrainingError
 from llmx.evaluate import EvalSet, evaluate_sets
 from llmx.flops import mfu
 from llmx.generate import sample_text
 from llmx.loop import Hook, LoopState
 from llmx.plot import plot_runs
+from llmx.runlock import RunLock
+
 
 class StopOnSignal(Hook):
     """SIGTERM/SIGINT (preemption, Ctrl-C): finish the current step, checkpoint it, exit cleanly."""
@@ -50,6 +52,21 @@ class StopOnSignal(Hook):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+class KeepRunLock(Hook):
+    """Stops the run before it writes anything more when another trainer has taken over the run
+    directory's lock (it judged this one gone: no heartbeat for `runlock.STALE_SECONDS`)."""
+
+    def __init__(self, lock: RunLock | None):
+        self.lock = lock  # None on processes other than 0, which hold no lock
+
+    def after_step(self, loop, step, metrics):
+        if self.lock is not None and self.lock.lost_to is not None:
+            raise ResourceError(
+                f"step {step}: another trainer took over {loop.run_dir} ({self.lock.lost_to.describe()}); "
+                "stopped without saving"
+            )
 
 
 class Metrics(Hook):

@@ -61,6 +61,7 @@ class StateMemory:
     """Per-device bytes of each copy of the weights, measured from shardings, and ZeRO's expectation."""
 
     n_params: int
+    whole: int  # bytes of one unsharded copy of the state (params, grads, optimizer state)
     params: int
     grads: int
     opt_state: int
@@ -99,6 +100,7 @@ def state_memory(cfg: Config, steps: Steps) -> StateMemory:
     )
     return StateMemory(
         n_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
+        whole=2 * _total_bytes(params) + _total_bytes(opt),
         params=per_device_bytes(params),
         grads=per_device_bytes(grads),
         opt_state=per_device_bytes(opt),
@@ -124,6 +126,13 @@ def memory_report(cfg: Config, steps: Steps, state) -> str:
     return "per-device state: " + ", ".join(parts)
 
 
+def peak_bytes(analysis) -> int:
+    """A compiled step's per-device peak from XLA's memory analysis: its arguments (the state and the
+    batch), outputs not written over donated arguments, and temporaries."""
+    return (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+            + analysis.temp_size_in_bytes)
+
+
 def compile_train_step(cfg: Config, steps: Steps):
     state = abstract_with_shardings(steps.abstract_state, steps.state_shardings)
     return steps.train.lower(state, batch_lib.abstract_batch(cfg, steps.mesh)).compile()
@@ -145,7 +154,7 @@ def _roofline(*, model_flops: float, memory_bytes: float, chip) -> dict:
     return {"estimated_step_seconds": seconds, "estimated_mfu": model_flops / (seconds * chip.peak_bf16_flops)}
 
 
-def _out_of_memory(message: str) -> tuple[float, float] | None:
+def compiler_out_of_memory(message: str) -> tuple[float, float] | None:
     """(bytes needed, bytes available) from XLA's "Ran out of memory on HBM" compile error."""
     m = re.search(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", message)
     return (float(m.group(1)) * 2**30, float(m.group(2)) * 2**30) if m else None
@@ -190,7 +199,7 @@ def plan(cfg: Config, *, target: str = "current", devices=None, resolved: target
     try:
         compiled = compile_train_step(cfg, steps)
     except jax.errors.JaxRuntimeError as e:
-        refused = _out_of_memory(str(e))
+        refused = compiler_out_of_memory(str(e))
         if refused is None or resolved.chip is None:
             raise
         # The TPU compiler refuses a program that cannot fit: report its numbers as the verdict.
@@ -201,15 +210,14 @@ def plan(cfg: Config, *, target: str = "current", devices=None, resolved: target
         }
     analysis = compiled.memory_analysis()
     cost = _cost(compiled)
-    peak_bytes = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
-                  + analysis.temp_size_in_bytes)
+    peak = peak_bytes(analysis)
     result = _base(cfg, target, mesh, resolved, memory, tokens, model_flops) | {
         "compiled_bytes": {
             "arguments": analysis.argument_size_in_bytes,
             "outputs": analysis.output_size_in_bytes,
             "aliased": analysis.alias_size_in_bytes,
             "temporaries": analysis.temp_size_in_bytes,
-            "peak_estimate": peak_bytes,
+            "peak_estimate": peak,
         },
         # The step's temporaries: activations kept for the backward pass and transient buffers.
         "activation_bytes": analysis.temp_size_in_bytes,
@@ -218,8 +226,8 @@ def plan(cfg: Config, *, target: str = "current", devices=None, resolved: target
     }
     if resolved.chip is not None:
         hbm = resolved.chip.hbm_bytes
-        result["memory"] = {"hbm_bytes": hbm, "fits": peak_bytes <= hbm, "shortfall_bytes": max(0, peak_bytes - hbm)}
-        result.update(_roofline(model_flops=model_flops, memory_bytes=peak_bytes, chip=resolved.chip))
+        result["memory"] = {"hbm_bytes": hbm, "fits": peak <= hbm, "shortfall_bytes": max(0, peak - hbm)}
+        result.update(_roofline(model_flops=model_flops, memory_bytes=peak, chip=resolved.chip))
     return result
 
 

@@ -1,14 +1,15 @@
 """`python -m llmx.train --config configs/tiny.yaml [section.key=value ...]`
 
-config -> mesh -> data -> model/optimizer state (sharded at creation) -> jitted step -> the loop
-(`llmx.loop`) with its hooks (`llmx.hooks`: stop signal, metrics, checkpoints, eval, profile, sample).
-Rerunning the same command on the same `train.run_dir` resumes from the newest checkpoint, data
-iterator included.
+config -> the run directory's lock (`llmx.runlock`) -> mesh -> fit or refuse (`llmx.fit`) -> data ->
+model/optimizer state (sharded at creation) -> jitted step -> the loop (`llmx.loop`) with its hooks
+(`llmx.hooks`: stop signal, metrics, checkpoints, eval, profile, sample). Rerunning the same command on
+the same `train.run_dir` resumes from the newest readable checkpoint, data iterator included.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -20,12 +21,12 @@ import jax
 from llmx import batch as batch_lib
 from llmx import config as config_lib
 from llmx import data as data_lib
-from llmx import deepspeed, distributed
-from llmx import hooks
+from llmx import deepspeed, distributed, fit, hooks, runlock
 from llmx import mesh as mesh_lib
-from llmx.checkpoint import Checkpointer, initial_state
+from llmx.checkpoint import Checkpointer, check_restore_from, initial_state
 from llmx.cli import run as run_cli
 from llmx.config import Config
+from llmx.errors import ConfigError
 from llmx.evaluate import build_eval_sets
 from llmx.flops import flops_per_token, peak_flops
 from llmx.loop import Hook, LoopState, RunSummary
@@ -38,11 +39,19 @@ log = logging.getLogger("llmx")
 
 
 def enable_compilation_cache(path: str) -> None:
+    """JAX's persistent compilation cache at `path` ('' = off). Not for several processes on CPU:
+    there an executable loaded from the cache by one process while another compiles its own makes
+    the gloo collectives' rendezvous time out ("Gloo context initialization failed: GetKeyValue()
+    timed out"), seen with jax 0.10.2 on a warm cache."""
+    if path and jax.process_count() > 1 and jax.default_backend() == "cpu":
+        log.info("compilation cache off: %d CPU processes share gloo collectives", jax.process_count())
+        return
     if path and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
 
 
-def build_hooks(cfg: Config, *, steps: Steps, ckpt: Checkpointer, eval_sets, tokenizer, run_dir: Path) -> list[Hook]:
+def build_hooks(cfg: Config, *, steps: Steps, ckpt: Checkpointer, eval_sets, tokenizer, run_dir: Path,
+                lock: runlock.RunLock | None = None) -> list[Hook]:
     """The loop's actions in the order it calls them (llmx.hooks says why this order)."""
     t = cfg.train
     metrics = hooks.Metrics(
@@ -52,6 +61,7 @@ def build_hooks(cfg: Config, *, steps: Steps, ckpt: Checkpointer, eval_sets, tok
     )
     actions: list[Hook] = [
         hooks.StopOnSignal(),
+        hooks.KeepRunLock(lock),
         metrics,
         hooks.Checkpoint(ckpt, every=cfg.checkpoint.every, metrics=metrics),
         hooks.Evaluate(eval_sets, every=t.eval_every),
@@ -65,62 +75,79 @@ def build_hooks(cfg: Config, *, steps: Steps, ckpt: Checkpointer, eval_sets, tok
     return actions
 
 
+def data_iterator(cfg: Config, data: data_lib.PreparedData, *, micro_rows: int):
+    """This process's rows of every step's batch: a Grain iterator whose state each checkpoint holds."""
+    accum = cfg.train.grad_accum_steps
+    rows = data_lib.process_rows(process_index=jax.process_index(), process_count=jax.process_count(),
+                                 leading=accum, rows=micro_rows)
+    return iter(data_lib.batches(
+        data.train, data.tokenizer, seq_len=cfg.model.seq_len, global_rows=accum * micro_rows, rows=rows,
+        seed=cfg.train.seed, prefetch=cfg.data.prefetch, text_field=data.text_field,
+    ))
+
+
 def global_batches(train_iter, steps: Steps, *, accum: int) -> Iterator[dict]:
     """This process's rows of each step -> the global (A, B, T) batch, tokens in the step's order."""
     for local in train_iter:
         yield batch_lib.to_global(local, steps.batch_shardings, (accum,), token_order=steps.token_order)
 
 
+def make_run_dir(path: str) -> Path:
+    run_dir = Path(path)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"train.run_dir={path} is a file, not a directory; point train.run_dir at a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"train.run_dir={path} cannot be created: {e.strerror or e}") from None
+    return run_dir
+
+
 def train(cfg: Config, *, devices=None) -> RunSummary:
     """Trains as configured; returns what the run did (losses, eval losses, the sample, ...)."""
     t_start = time.perf_counter()
     enable_compilation_cache(cfg.train.compilation_cache_dir)
-    run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    mesh = mesh_lib.make_mesh(cfg.mesh, devices)
-    micro_rows = batch_lib.micro_rows(cfg, mesh)
-    data = distributed.first_process_first(
-        lambda: data_lib.prepare_data(cfg, run_dir=run_dir if jax.process_index() == 0 else None)
-    )
-    steps = build_steps(cfg, mesh)
-    if jax.process_index() == 0:
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-
-    accum = cfg.train.grad_accum_steps
-    rows = data_lib.process_rows(process_index=jax.process_index(), process_count=jax.process_count(),
-                                 leading=accum, rows=micro_rows)
-    train_iter = iter(
-        data_lib.batches(
-            data.train, data.tokenizer, seq_len=cfg.model.seq_len, global_rows=accum * micro_rows, rows=rows,
-            seed=cfg.train.seed, prefetch=cfg.data.prefetch, text_field=data.text_field,
+    # Inputs that can be checked quickly are, before anything is created or prepared.
+    data_lib.check_sources(cfg)
+    check_restore_from(cfg.checkpoint, Path(cfg.train.run_dir) / "checkpoints")
+    run_dir = make_run_dir(cfg.train.run_dir)
+    # Whatever is opened is closed in reverse on every path, so an error's one line is the last output.
+    with contextlib.ExitStack() as opened:
+        lock = opened.enter_context(runlock.hold(run_dir, wait_seconds=cfg.train.wait_for_lock))
+        mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+        steps = build_steps(cfg, mesh)
+        # Before anything is allocated (or data prepared).
+        fits = "fit check skipped (train.skip_fit_check)" if cfg.train.skip_fit_check else fit.check(cfg, steps)
+        micro_rows = batch_lib.micro_rows(cfg, mesh)
+        data = distributed.first_process_first(
+            lambda: data_lib.prepare_data(cfg, run_dir=run_dir if jax.process_index() == 0 else None)
         )
-    )
-    writer = None
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
-    try:
+
+        # The checkpointer is closed last: a save in flight completes after everything else is shut.
+        ckpt = opened.enter_context(contextlib.closing(Checkpointer(run_dir / "checkpoints", cfg.checkpoint)))
+        train_iter = opened.enter_context(contextlib.closing(data_iterator(cfg, data, micro_rows=micro_rows)))
         eval_sets = build_eval_sets(cfg, steps, data)
         state, start = initial_state(ckpt, cfg.checkpoint, steps, train_iter)
+        if jax.process_index() == 0:  # only now: a run that cannot resume leaves the old config as it was
+            (run_dir / "config.yaml").write_text(cfg.to_yaml())
         n_params = sum(x.size for x in jax.tree.leaves(state.params))
         log.info(
             "mesh %s on %d %s devices; %.2fM parameters; global batch %d x %d tokens",
             dict(mesh.shape), mesh.size, jax.devices()[0].platform, n_params / 1e6,
-            micro_rows * accum, cfg.model.seq_len,
+            micro_rows * cfg.train.grad_accum_steps, cfg.model.seq_len,
         )
         log.info(memory_report(cfg, steps, state))
-        writer = MetricsWriter(run_dir, total_steps=cfg.train.steps, start_step=start, progress=cfg.train.progress,
-                               tensorboard_dir=cfg.train.tensorboard_dir, csv_dir=cfg.train.csv_dir)
+        log.info(fits)
+        writer = opened.enter_context(contextlib.closing(
+            MetricsWriter(run_dir, total_steps=cfg.train.steps, start_step=start, progress=cfg.train.progress,
+                          tensorboard_dir=cfg.train.tensorboard_dir, csv_dir=cfg.train.csv_dir)
+        ))
         loop = LoopState(cfg=cfg, steps=steps, state=state, train_iter=train_iter, writer=writer,
                          summary=RunSummary(start_step=start), run_dir=run_dir, checkpoint_dir=ckpt.shown)
         actions = build_hooks(cfg, steps=steps, ckpt=ckpt, eval_sets=eval_sets, tokenizer=data.tokenizer,
-                              run_dir=run_dir)
-        summary = run_loop(loop, actions, global_batches(train_iter, steps, accum=accum),
-                           train_step=steps.train)
-    finally:
-        # Closed on every path (the checkpointer last: a save in flight completes first).
-        if writer is not None:
-            writer.close()
-        train_iter.close()
-        ckpt.close()
+                              run_dir=run_dir, lock=lock)
+        batches = global_batches(train_iter, steps, accum=cfg.train.grad_accum_steps)
+        summary = run_loop(loop, actions, batches, train_step=steps.train)
     summary.wall_seconds = time.perf_counter() - t_start
     return summary
 

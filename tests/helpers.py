@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -83,3 +84,58 @@ def needs_extra(module: str, extra: str):
             f"{module} is not installed for {AOT_PYTHON}: pip install -e '.[{extra}]' (or set LLMX_AOT_PYTHON "
             f"to an interpreter that has it) to AOT-compile for {extra.upper()}"
         )
+
+
+# Runs `python -m llmx.train` with test hooks: a pause per step (so a kill lands mid-run) and a save
+# that blocks just before Orbax's final rename (so a kill lands mid-save).
+LAUNCHER = """
+import os, sys, time
+import llmx.batch as batch_lib
+import llmx.train as train_lib
+from llmx.cli import run
+
+pause = float(os.environ.get("TEST_STEP_PAUSE", "0"))
+to_global = batch_lib.to_global
+def paused_to_global(local, shardings, leading, **kwargs):
+    if leading:
+        time.sleep(pause)
+    return to_global(local, shardings, leading, **kwargs)
+batch_lib.to_global = paused_to_global
+
+block = os.environ.get("TEST_BLOCK_SAVE_OF_STEP")
+if block:
+    from orbax.checkpoint._src.path import atomicity
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+    async def blocked_finalize(self, *args, **kwargs):
+        if self.get_final().name == block:
+            (self.get_final().parent.parent / "save_blocked").write_text(str(self.get()))
+            time.sleep(3600)
+        return await finalize(self, *args, **kwargs)
+    atomicity.AtomicRenameTemporaryPath.finalize = blocked_finalize
+
+raise SystemExit(run(lambda: train_lib.main(sys.argv[1:])))
+"""
+
+
+def launch(tmp_path, env, run_dir, data_dir, *overrides, pause=0.05, block_save_of_step=None):
+    launcher = tmp_path / "launch_train.py"
+    launcher.write_text(LAUNCHER)
+    env = {**env, "TEST_STEP_PAUSE": str(pause)}
+    if block_save_of_step is not None:
+        env["TEST_BLOCK_SAVE_OF_STEP"] = str(block_save_of_step)
+    args = [sys.executable, str(launcher), *SMALL, f"train.run_dir={run_dir}", f"data.cache_dir={data_dir}", *overrides]
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for(proc, condition, what: str, timeout: float = 240):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"training exited before {what}: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.02)
+
+
+def last_step(run_dir) -> int:
+    path = run_dir / "metrics.jsonl"
+    return max(step_losses(run_dir), default=0) if path.exists() and path.read_text().endswith("\n") else 0

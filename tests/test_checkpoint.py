@@ -1,78 +1,19 @@
 """Checkpoints you can trust: exact resume after kill -9, preemption, a crash mid-save, a full disk,
-restoring onto another mesh, incompatible or corrupt checkpoints, and non-finite losses."""
+restoring onto another mesh, and non-finite losses (bad checkpoints: tests/test_faults.py)."""
 
 import errno
 import os
 import random
 import signal
-import subprocess
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import CACHE, PYTHON, REPO
-from helpers import SMALL, assert_trees_equal, checkpoint_steps, small_config, step_losses
-from llmx.cli import run as run_cli
+from conftest import CACHE
+from helpers import SMALL, assert_trees_equal, checkpoint_steps, last_step, launch, small_config, wait_for
 from llmx.errors import CheckpointError
-from llmx.train import main as train_main
 from llmx.train import train
-
-# Runs `python -m llmx.train` with test hooks: a pause per step (so a kill lands mid-run) and a save
-# that blocks just before Orbax's final rename (so a kill lands mid-save).
-LAUNCHER = """
-import os, sys, time
-import llmx.batch as batch_lib
-import llmx.train as train_lib
-from llmx.cli import run
-
-pause = float(os.environ.get("TEST_STEP_PAUSE", "0"))
-to_global = batch_lib.to_global
-def paused_to_global(local, shardings, leading, **kwargs):
-    if leading:
-        time.sleep(pause)
-    return to_global(local, shardings, leading, **kwargs)
-batch_lib.to_global = paused_to_global
-
-block = os.environ.get("TEST_BLOCK_SAVE_OF_STEP")
-if block:
-    from orbax.checkpoint._src.path import atomicity
-    finalize = atomicity.AtomicRenameTemporaryPath.finalize
-    async def blocked_finalize(self, *args, **kwargs):
-        if self.get_final().name == block:
-            (self.get_final().parent.parent / "save_blocked").write_text(str(self.get()))
-            time.sleep(3600)
-        return await finalize(self, *args, **kwargs)
-    atomicity.AtomicRenameTemporaryPath.finalize = blocked_finalize
-
-raise SystemExit(run(lambda: train_lib.main(sys.argv[1:])))
-"""
-
-
-def launch(tmp_path, env, run_dir, data_dir, *overrides, pause=0.05, block_save_of_step=None):
-    launcher = tmp_path / "launch_train.py"
-    launcher.write_text(LAUNCHER)
-    env = {**env, "TEST_STEP_PAUSE": str(pause)}
-    if block_save_of_step is not None:
-        env["TEST_BLOCK_SAVE_OF_STEP"] = str(block_save_of_step)
-    args = [PYTHON, str(launcher), *SMALL, f"train.run_dir={run_dir}", f"data.cache_dir={data_dir}", *overrides]
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-
-def wait_for(proc, condition, what: str, timeout: float = 240):
-    deadline = time.time() + timeout
-    while not condition():
-        assert proc.poll() is None, f"training exited before {what}: {proc.stderr.read()[-2000:]}"
-        assert time.time() < deadline, f"no {what} within {timeout} s"
-        time.sleep(0.02)
-
-
-def last_step(run_dir) -> int:
-    path = run_dir / "metrics.jsonl"
-    return max(step_losses(run_dir), default=0) if path.exists() and path.read_text().endswith("\n") else 0
-
 
 EXACT = ["optim.schedule=constant", "train.steps=24", "checkpoint.every=3", "checkpoint.keep=2",
          "checkpoint.keep_every=6", f"train.compilation_cache_dir={CACHE / 'jax'}"]
@@ -165,36 +106,6 @@ def test_restore_onto_other_meshes_gives_the_same_next_step_loss(tmp_path, data_
     assert weights.start_step == 0
     assert_trees_equal(weights.params, written.params)
     assert checkpoint_steps(source / "run") == source_steps == [2, 3]  # the source is only read
-
-
-def files_of(directory) -> dict:
-    return {p: p.stat().st_size for p in directory.rglob("*") if p.is_file()}
-
-
-def run_main(args: list[str], capsys) -> tuple[int, list[str]]:
-    status = run_cli(lambda: train_main(args))
-    return status, [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-
-
-def test_incompatible_or_truncated_checkpoint_is_one_line_exit_2_and_nothing_deleted(tmp_path, data_dir, capsys):
-    args = [*SMALL, f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={data_dir}", "checkpoint.every=0"]
-    assert run_main([*args, "train.steps=2"], capsys)[0] == 0
-    checkpoints = tmp_path / "run" / "checkpoints"
-    before = files_of(checkpoints)
-
-    status, errors = run_main([*args, "train.steps=3", "model.d_ff=48"], capsys)
-    assert status == 2 and len(errors) == 1, errors
-    assert "checkpoints/2: parameter blocks/mlp/w_down has shape (2,64,32) in the checkpoint but (2,48,32)" in errors[0]
-    assert files_of(checkpoints) == before
-
-    data_files = sorted((checkpoints / "2" / "state").rglob("d/*"), key=lambda p: -p.stat().st_size)
-    truncated = data_files[0]
-    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
-    before = files_of(checkpoints)
-    status, errors = run_main([*args, "train.steps=3"], capsys)
-    assert status == 2 and len(errors) == 1, errors
-    assert "checkpoints/2: cannot read the checkpoint" in errors[0] and "nothing was deleted" in errors[0]
-    assert files_of(checkpoints) == before
 
 
 def test_a_full_disk_during_a_save_is_an_error_and_the_previous_checkpoint_survives(tmp_path, data_dir, monkeypatch):

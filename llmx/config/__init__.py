@@ -211,6 +211,12 @@ class TrainConfig:
     compilation_cache_dir: str = _field(
         "~/.cache/llmx/jax", help="JAX persistent compilation cache ('' disables)"
     )
+    wait_for_lock: float = _field(
+        0.0, min=0.0, help="seconds to wait for another trainer to release train.run_dir (0: exit at once, naming it)"
+    )
+    skip_fit_check: bool = _field(
+        False, help="start even if the step's memory need (llmx.plan) exceeds what the devices have available"
+    )
     on_nan: str = _field(
         "skip",
         choices=("skip", "stop"),
@@ -245,6 +251,12 @@ class CheckpointConfig:
         "full",
         choices=("full", "weights"),
         help="full: state, optimizer and data position; weights: parameters only, at step 0",
+    )
+    on_corrupt: str = _field(
+        "fallback",
+        choices=("fallback", "stop"),
+        help="an unreadable checkpoint on resume: move it to checkpoints/corrupt/<step> and resume from the newest "
+        "one that reads completely (fallback), or stop with an error (stop)",
     )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from llmx.config import Config
 from llmx.data import sources as sources_lib
-from llmx.data.tokenizer import build_tokenizer
+from llmx.data.tokenizer import build_tokenizer, check_tokenizer
 from llmx.errors import DataError
 
 
@@ -42,7 +42,19 @@ def _named_sources(spec: str) -> dict[str, str]:
     return named
 
 
+def check_sources(cfg: Config) -> None:
+    """The quick part of `prepare_data`: every text source lists some files and the tokenizer file
+    exists, so a typo is one line before anything slow (preparing a corpus can take minutes)."""
+    d = cfg.data
+    names = [name for name, _ in sources_lib.parse_mixture(d.source)] + list(_named_sources(d.eval_sources).values())
+    for name in names:
+        if not name.startswith("tfds:"):
+            sources_lib.resolve_files(name, max_documents=d.max_documents)
+    check_tokenizer(d)
+
+
 def prepare_data(cfg: Config, *, run_dir: Path | None = None) -> PreparedData:
+    check_sources(cfg)
     d = cfg.data
     mixture = sources_lib.parse_mixture(d.source)
     corpora = {name: _corpus(name, cfg, validation_percent=d.validation_percent) for name, _ in mixture}

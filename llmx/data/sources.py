@@ -13,6 +13,7 @@ Records are dicts with a text field; `document_text` reads it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -70,17 +71,32 @@ def clean_text(raw: bytes) -> str | None:
     return text if text.strip() else None
 
 
-def read_documents(path: Path, text_field: str):
-    """(key, cleaned text or None) for each document of a file: one per `.jsonl` line, else the file."""
+_NO_FIELD = object()  # a .jsonl line that is a JSON object without the text field
+
+
+def _jsonl_value(line: bytes, text_field: str):
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    return record.get(text_field, _NO_FIELD)
+
+
+def read_documents(path: Path, text_field: str, stats: CorpusStats | None = None):
+    """(key, cleaned text or None) for each document of a file: one per `.jsonl` line, else the file.
+    `stats.missing_field` counts .jsonl objects without `text_field`."""
     raw = path.read_bytes()
     if path.suffix != ".jsonl":
         yield str(path), clean_text(raw)
         return
     for line_no, line in enumerate(raw.splitlines()):
-        try:
-            value = json.loads(line).get(text_field) if line.strip() else None
-        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-            value = None
+        value = _jsonl_value(line, text_field)
+        if value is _NO_FIELD and stats is not None:
+            stats.missing_field += 1
         text = clean_text(value.encode("utf-8")) if isinstance(value, str) else None
         yield f"{path}:{line_no}", text
 
@@ -91,6 +107,7 @@ class CorpusStats:
     bytes: int = 0
     dropped: int = 0  # empty, binary, undecodable, too short
     duplicates: int = 0
+    missing_field: int = 0  # .jsonl objects without data.text_field (also counted in dropped)
 
 
 class TextCorpus(tfds.core.GeneratorBasedBuilder):
@@ -114,7 +131,7 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
         splits = {"train": [], "validation": []}
         seen: set[bytes] = set()
         for path in self._files:
-            for key, text in read_documents(Path(path), c.text_field):
+            for key, text in read_documents(Path(path), c.text_field, self.stats):
                 if text is None or len(text) < c.min_chars:
                     self.stats.dropped += 1
                     continue
@@ -126,10 +143,10 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
                     seen.add(digest)
                 splits["validation" if is_validation(text, c.validation_percent) else "train"].append(key)
         if not splits["train"] and not splits["validation"]:
-            raise DataError(
-                f"none of the {len(self._files)} files holds usable text documents "
-                f"({self.stats.dropped} empty, binary or too short)"
-            )
+            missing = self.stats.missing_field
+            why = (f"{missing} .jsonl records have no field {c.text_field!r}: set data.text_field to the field that "
+                   "holds the text" if missing else f"{self.stats.dropped} empty, binary, undecodable or too short")
+            raise DataError(f"none of the {len(self._files)} files holds usable text documents ({why})")
         # TFDS refuses empty splits: a corpus too small for a held-out part has only `train`.
         return {name: self._generate_examples(name, set(keys)) for name, keys in splits.items() if keys}
 
@@ -140,6 +157,17 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
                     self.stats.documents[split] = self.stats.documents.get(split, 0) + 1
                     self.stats.bytes += len(text.encode("utf-8"))
                     yield key, {"text": text, "path": key}
+
+
+@contextlib.contextmanager
+def _absl_errors_only():
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_log.setLevel(level)
 
 
 def default_cache_dir() -> Path:
@@ -184,9 +212,11 @@ def text_corpus(source: str, *, cache_dir: str = "", cleaning: Cleaning, max_doc
     files = resolve_files(source, max_documents=max_documents)
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     data_dir = root / f"textcorpus-{_fingerprint(files, cleaning)}"
-    builder = TextCorpus(files=files, cleaning=cleaning, data_dir=str(data_dir), file_format="array_record")
+    with _absl_errors_only():  # TFDS warns "Variant folder ... has no dataset_info.json" before every first build
+        builder = TextCorpus(files=files, cleaning=cleaning, data_dir=str(data_dir), file_format="array_record")
+        prepared = builder.is_prepared()
     stats_file = data_dir / "stats.json"
-    if not builder.is_prepared():
+    if not prepared:
         log.info("preparing %d files of %r into %s", len(files), source, data_dir)
         builder.download_and_prepare()
         s = builder.stats

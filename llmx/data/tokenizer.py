@@ -97,9 +97,20 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int, path: Path, length: int 
     return path
 
 
-def _load(path: Path, data_cfg) -> HFTokenizer:
+def _existing(path: Path) -> Path:
     if not path.is_file():
         raise DataError(f"data.tokenizer={str(path)!r}: no such tokenizer.json")
+    return path
+
+
+def check_tokenizer(data_cfg) -> None:
+    """The tokenizer.json that `data.tokenizer` names exists (`byte` and `bpe` need none)."""
+    if data_cfg.tokenizer not in ("byte", "bpe"):
+        _existing(Path(data_cfg.tokenizer).expanduser())
+
+
+def _load(path: Path, data_cfg) -> HFTokenizer:
+    _existing(path)
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises plain Exceptions for malformed files
