@@ -23,6 +23,8 @@ class MeshAxis:
 
 
 MESH_AXES: tuple[MeshAxis, ...] = (
+    # Outermost, so stages span the slowest links (hosts, slices): a pipeline sends activations, not weights.
+    MeshAxis("pipeline", splits_batch=False, role="pipeline stages: contiguous slices of the layer stack"),
     MeshAxis("data", splits_batch=True, role="pure data-parallel replicas"),
     MeshAxis("fsdp", splits_batch=True, shards_weights=True, role="the ZeRO/FSDP group: the batch is split over it too"),
     # Sequence (context) parallelism sits between fsdp and tensor, where MaxText puts its `context` axis:

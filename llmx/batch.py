@@ -58,7 +58,7 @@ def tokens_per_step(cfg: Config, mesh: Mesh) -> int:
 def sharding(mesh: Mesh, ndim: int, *, batch_dim: int = 0) -> NamedSharding:
     """Rows (dimension `batch_dim`) split over the batch axes, tokens (the next dimension) by the `seq` rule."""
     spec = [None] * ndim
-    spec[batch_dim] = RULES["batch"]
+    spec[batch_dim] = axes.BATCH_AXES
     spec[batch_dim + 1] = RULES["seq"]
     return NamedSharding(mesh, P(*spec))
 

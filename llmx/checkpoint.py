@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -321,6 +322,45 @@ def resolve(path: str | Path, *, given_as: str) -> tuple[Path, int]:
     return path, step
 
 
+def saved_state(state, steps, cfg: CheckpointConfig):
+    """What a checkpoint holds of a train state (or of its abstract target): all of it, or with
+    `checkpoint.adapters_only` the LoRA adapters in place of the parameters (the frozen base is
+    `checkpoint.restore_from`'s, read again on every restore)."""
+    return state.replace(params=steps.partition.split(state.params)[0]) if cfg.adapters_only else state
+
+
+def _params_target(steps):
+    return mesh_lib.abstract_with_shardings(steps.abstract_state.params, steps.state_shardings.params)
+
+
+def _base_weights(cfg: CheckpointConfig, steps):
+    """The frozen base of a LoRA run, from checkpoint.restore_from."""
+    directory, step = resolve(cfg.restore_from, given_as="checkpoint.restore_from")
+    source = Checkpointer(directory, cfg, read_only=True)
+    try:
+        return source.restore_params(step, steps.partition.split(_params_target(steps))[1])
+    finally:
+        source.close()
+
+
+def load_params(source: Checkpointer, step: int, steps, cfg: CheckpointConfig):
+    """The parameters at `step` of a run's own checkpoints: all of them, or (checkpoint.adapters_only)
+    its adapters on the base of checkpoint.restore_from."""
+    if not cfg.adapters_only:
+        return source.restore_params(step, _params_target(steps))
+    adapters = source.restore_params(step, steps.partition.split(_params_target(steps))[0])
+    return steps.partition.merge(adapters, _base_weights(cfg, steps))
+
+
+def _weights(source: Checkpointer, step: int, steps):
+    """Another run's weights to start from. A LoRA run takes the base from it (a model without
+    adapters) and starts fresh adapters, whose B = 0 leaves the base's function unchanged."""
+    if not steps.partition.frozen_base:
+        return source.restore_params(step, _params_target(steps))
+    base = source.restore_params(step, steps.partition.split(_params_target(steps))[1])
+    return steps.partition.merge(steps.partition.split(steps.init().params)[0], base)
+
+
 def check_restore_from(cfg: CheckpointConfig, directory: Path) -> None:
     """`checkpoint.restore_from` resolves, if it will be read: only by a run with no checkpoint of its own."""
     own = directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
@@ -340,11 +380,10 @@ def initial_state(ckpt: Checkpointer, cfg: CheckpointConfig, steps, train_iter) 
     source = Checkpointer(directory, cfg, read_only=True)
     try:
         if cfg.restore_mode == "full":
-            state = _restore_full(source, step, steps, train_iter)
+            state = _restore_full(source, step, steps, train_iter, dataclasses.replace(cfg, adapters_only=False))
             log.info("resumed from %s at step %d", source.step_dir(step), step)
             return state, step
-        target = mesh_lib.abstract_with_shardings(steps.abstract_state.params, steps.state_shardings.params)
-        params = source.restore_params(step, target)
+        params = _weights(source, step, steps)
         log.info("starting at step 0 from the weights of %s", source.step_dir(step))
         return steps.init_from_params(params), 0
     finally:
@@ -359,7 +398,7 @@ def _resume(ckpt: Checkpointer, cfg: CheckpointConfig, steps, train_iter) -> tup
     unreadable: list[tuple[int, str]] = []
     for step in sorted(ckpt.all_steps(), reverse=True):
         try:
-            state, error = _restore_full(ckpt, step, steps, train_iter), None
+            state, error = _restore_full(ckpt, step, steps, train_iter, cfg), None
         except CorruptCheckpointError as e:
             state, error = None, str(e)
         errors = [e for e in distributed.gather_json(error) if e is not None]
@@ -387,10 +426,11 @@ def _resume(ckpt: Checkpointer, cfg: CheckpointConfig, steps, train_iter) -> tup
     return state, step
 
 
-def _restore_full(source: Checkpointer, step: int, steps, train_iter) -> Any:
-    state, data_state = source.restore(
-        step, mesh_lib.abstract_with_shardings(steps.abstract_state, steps.state_shardings)
-    )
+def _restore_full(source: Checkpointer, step: int, steps, train_iter, cfg: CheckpointConfig) -> Any:
+    abstract = mesh_lib.abstract_with_shardings(steps.abstract_state, steps.state_shardings)
+    state, data_state = source.restore(step, saved_state(abstract, steps, cfg))
+    if cfg.adapters_only:  # the frozen base, from checkpoint.restore_from
+        state = state.replace(params=steps.partition.merge(state.params, _base_weights(cfg, steps)))
     try:
         train_iter.set_state(data_state)
     except Exception as e:  # noqa: BLE001 - Grain rejects a state of a different pipeline

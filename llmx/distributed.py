@@ -7,8 +7,9 @@ Initialise when the environment says there are several processes:
 - torchrun and DeepSpeed's launcher: `RANK`, `WORLD_SIZE` > 1, `MASTER_ADDR`, `MASTER_PORT`, and
   `LOCAL_RANK` with `LOCAL_WORLD_SIZE` (torchrun) or `LOCAL_SIZE` (DeepSpeed): with several processes
   on a host, each takes the one accelerator at its local rank, as torch's convention has it;
-- a Cloud TPU pod slice, SLURM (`SLURM_NTASKS` > 1) or Open MPI (`OMPI_COMM_WORLD_SIZE` > 1): JAX's own
-  cluster detection fills in coordinator and ranks;
+- otherwise JAX's own cluster detection (`detect_cluster`: a Cloud TPU VM slice from its metadata, a
+  TPU slice on GKE, SLURM, Open MPI, Kubernetes), which fills in coordinator and ranks; the cluster found
+  is printed;
 otherwise run as a single process. Joining has a timeout (`LLMX_INIT_TIMEOUT`, seconds): a wrong
 coordinator address or a missing peer becomes a one-line error, not a hang.
 """
@@ -19,10 +20,12 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 
 import jax
 import numpy as np
+from jax._src import clusters as jax_clusters
 
 from llmx.errors import LlmxError
 
@@ -33,12 +36,25 @@ class DistributedError(LlmxError):
     """Processes that could not join each other."""
 
 
-def _cluster_size() -> int:
-    for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-        if os.environ.get(var, "1").isdigit() and int(os.environ.get(var, "1")) > 1:
-            return int(os.environ[var])
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return len(hosts.split(",")) if hosts else 1
+# JAX's own cluster environments (jax._src.clusters: Cloud TPU VM and GKE TPU slices, SLURM, Open MPI,
+# Kubernetes), the ones `jax.distributed.initialize()` auto-detects. JAX exposes the detection only inside
+# initialize, which must not be called where there is no cluster, so llmx asks the same classes first.
+CLUSTER_NAMES = {"GceTpuCluster": "Cloud TPU VM slice", "GkeTpuCluster": "TPU slice on GKE",
+                 "SlurmCluster": "SLURM", "OmpiCluster": "Open MPI", "K8sCluster": "Kubernetes"}
+
+
+def detect_cluster() -> tuple[str, int] | None:
+    """(the cluster's name, its process count) by JAX's cluster detection, or None outside one."""
+    for env in jax_clusters.ClusterEnv._cluster_types:
+        if env.opt_in_only_method or not env.is_env_present():
+            continue
+        try:
+            count = int(env.get_process_count())
+        except Exception as e:  # an environment that looks present but is incomplete: JAX would fail too
+            log.warning("%s detected but incomplete (%s): running as one process", env.__name__, e)
+            return None
+        return CLUSTER_NAMES.get(env.__name__, env.__name__), count
+    return None
 
 
 def launcher_env(environ=os.environ) -> dict | None:
@@ -122,8 +138,12 @@ def initialize(
         coordinator, num_processes, process_id = launched["coordinator"], launched["num_processes"], launched["process_id"]
         local_device_ids = launched["local_device_ids"]
     explicit = coordinator is not None and (num_processes or 0) > 1
-    if not explicit and _cluster_size() <= 1:
+    cluster = None if explicit else detect_cluster()
+    if not explicit and (cluster is None or cluster[1] <= 1):
         return False
+    if cluster is not None:
+        print(f"llmx.distributed: {cluster[0]} detected: {cluster[1]} processes, coordinator and ranks from JAX's "
+              "cluster detection", file=sys.stderr, flush=True)
     kwargs = {}
     if explicit:
         _rendezvous(coordinator, num_processes, process_id, timeout_s)
@@ -157,6 +177,15 @@ def gather_json(value) -> list:
     padded[: data.size] = data
     gathered = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
     return [json.loads(bytes(row[:n])) for row, n in zip(gathered, sizes)]
+
+
+def max_over_processes(value: int) -> int:
+    """The largest of every process's `value` (one all-gather of one int): a decision they all share."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.process_allgather(np.array([value], np.int32)).max())
 
 
 def global_data_state(local_state: dict) -> dict:

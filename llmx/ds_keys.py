@@ -172,7 +172,7 @@ TOP = {
     "autotuning": lacks("the autotuner (try layouts with python -m llmx.plan)", on=_enabled),
     "elasticity": lacks("elastic training", on=_enabled),
     "hybrid_engine": lacks("the RLHF hybrid engine", on=_enabled),
-    "pipeline": lacks("pipeline parallelism", on=_always),
+    "pipeline": lacks("DeepSpeed's PipelineModule settings; llmx pipelines with mesh.pipeline, mesh.pipeline_repeats", on=_always),
     "expert_parallel": lacks("expert parallelism", on=_always),
     "sequence_parallel_size": mapped(int),
     "nebula": lacks("Nebula checkpointing (llmx checkpoints with Orbax)", on=_enabled),

@@ -1,5 +1,7 @@
 """`python -m llmx.evaluate --run-dir R` (or `--config X [section.key=value ...]`): loss, perplexity and
-bits per byte of a checkpoint on each eval set, as a table or `--json`.
+bits per byte of a checkpoint on each eval set, as a table or `--json`; with `--tasks NAME[,NAME...]`,
+lm-evaluation-harness tasks instead (`llmx.harness`, the `eval` extra; `--include-path DIR` adds task
+YAMLs to the project's `configs/tasks/`).
 
 The trainer's periodic eval calls `evaluate` here too, so both report the same number for the same
 parameters: per batch, the jitted `eval_step` returns (sum of target nats, target count) and the sums
@@ -25,6 +27,7 @@ from llmx import batch as batch_lib
 from llmx import data as data_lib
 from llmx.cli import run as run_cli
 from llmx.config import Config
+from llmx.errors import ConfigError
 from llmx.run import RestoredRun, restore_run
 from llmx.step import Steps
 
@@ -103,7 +106,8 @@ def build_eval_sets(cfg: Config, steps: Steps, data: data_lib.PreparedData) -> l
         rows = data_lib.process_rows(process_index=jax.process_index(), process_count=jax.process_count(),
                                      leading=1, rows=micro_rows)
         it = iter(data_lib.batches(source, data.tokenizer, seq_len=cfg.model.seq_len, global_rows=micro_rows,
-                                   rows=rows, seed=None, prefetch=0, text_field=data.text_field))
+                                   rows=rows, seed=None, prefetch=0, text_field=data.text_field,
+                                   supervised=data.supervised))
         local = [next(it) for _ in range(cfg.train.eval_batches)]
         it.close()
         n_bytes = sum(target_bytes(data.tokenizer, b["targets"], b["loss_mask"]) for b in local)
@@ -130,6 +134,55 @@ def run_evaluation(**restore_kwargs) -> tuple[RestoredRun, list[EvalResult]]:
     return run, evaluate_sets(run.steps.evaluate, run.params, eval_sets)
 
 
+def load_harness(what: str):
+    """`llmx.harness`, or a one-line ConfigError naming `what` needs it when lm_eval is not installed
+    (the `eval` extra is optional: nothing imports lm_eval unless tasks are asked for)."""
+    try:
+        from llmx import harness
+    except ModuleNotFoundError as e:
+        if not (e.name or "").split(".")[0] in ("lm_eval", "datasets", "evaluate"):
+            raise
+        raise ConfigError(f"{what} needs lm-evaluation-harness: pip install 'llmx[eval]' ({e.name} is missing)") from None
+    return harness
+
+
+def task_names(spec: str) -> list[str]:
+    return [n.strip() for n in spec.split(",") if n.strip()]
+
+
+def task_runner(cfg: Config, steps: Steps, tokenizer) -> Callable:
+    """`train.eval_tasks` as a function of the parameters -> {task: {metric: value}}: the task index is
+    built (and every name checked) once, now."""
+    harness = load_harness("train.eval_tasks")
+    names = task_names(cfg.train.eval_tasks)
+    tasks = harness.Tasks([cfg.train.eval_tasks_include] if cfg.train.eval_tasks_include else [])
+    tasks.specs(names)
+
+    def run(params) -> dict:
+        lm = harness.LlmxLM(params=params, graphdef=steps.graphdef, tokenizer=tokenizer, data_cfg=cfg.data,
+                            seq_len=cfg.model.seq_len, mesh=steps.mesh)
+        return harness.run_tasks(lm, tasks, names, limit=cfg.train.eval_tasks_limit)
+
+    return run
+
+
+def run_tasks(args) -> int:
+    harness = load_harness("--tasks")
+    names = task_names(args.tasks)
+    tasks = harness.Tasks(args.include_path or [])
+    tasks.specs(names)  # an unknown task stops here, before the checkpoint is read
+    run = restore_run(run_dir=args.run_dir, config=args.config, overrides=args.overrides,
+                      checkpoint=args.checkpoint, single_device=args.single_device)
+    lm = harness.LlmxLM.from_run(run, batch_size=args.batch_size)
+    table = harness.run_tasks(lm, tasks, names, limit=args.limit, bootstrap_iters=args.bootstrap_iters)
+    if args.json:
+        print(json.dumps({"checkpoint": str(run.checkpoint), "step": run.step, "tasks": table}, indent=2))
+    else:
+        print(f"checkpoint {run.checkpoint} (step {run.step})")
+        print(harness.format_table(table))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmx.evaluate", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -138,8 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="a checkpoint directory (default: the newest of the run)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--single-device", action="store_true", help="one device instead of the training mesh")
+    parser.add_argument("--tasks", help="lm-evaluation-harness tasks, NAME[,NAME...] (configs/tasks/ or lm_eval's)")
+    parser.add_argument("--include-path", action="append", help="a directory of more task YAMLs (repeatable)")
+    parser.add_argument("--limit", type=int, default=0, help="--tasks: items per task (0: all)")
+    parser.add_argument("--batch-size", type=int, default=16, help="--tasks: rows per forward pass")
+    parser.add_argument("--bootstrap-iters", type=int, default=0, help="--tasks: bootstrap resamples for stderr (0: none)")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = parser.parse_args(argv)
+    if args.tasks:
+        return run_tasks(args)
     run, results = run_evaluation(run_dir=args.run_dir, config=args.config, overrides=args.overrides,
                                   checkpoint=args.checkpoint, single_device=args.single_device)
     if args.json:

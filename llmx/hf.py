@@ -1,7 +1,7 @@
 """Hugging Face interop: `config.json` + `*.safetensors` <-> llmx ModelConfig and parameters.
 
     python -m llmx.hf import --hf-dir D --out R [section.key=value ...]   # a run directory at step 0
-    python -m llmx.hf export --run-dir R --out D [--max-shard-size BYTES]
+    python -m llmx.hf export --run-dir R --out D [--max-shard-size BYTES] [--merge-lora]
 
 No torch: tensors go through `safetensors.numpy`. This module reads and writes the files; the family
 that handles `config.json`'s `model_type` (import) or `model.family` (export) maps the names and layouts
@@ -23,6 +23,7 @@ from llmx import axes
 from llmx import config as config_lib
 from llmx import mesh as mesh_lib
 from llmx import models, runlock
+from llmx.models import lora
 from llmx.checkpoint import Checkpointer
 from llmx.cli import run as run_cli
 from llmx.config import DTYPES, ModelConfig
@@ -182,10 +183,20 @@ def import_run(hf_dir: str | Path, out: str | Path, overrides: list[str] = ()) -
     return out
 
 
-def export_run(run_dir: str | Path, out: str | Path, *, checkpoint: str | None = None, max_shard_size: int = 0) -> Path:
-    """A HF model directory from a run's newest checkpoint (or `checkpoint`)."""
+def export_run(run_dir: str | Path, out: str | Path, *, checkpoint: str | None = None, max_shard_size: int = 0,
+               merge_lora: bool = False) -> Path:
+    """A HF model directory from a run's newest checkpoint (or `checkpoint`); a LoRA run's adapters are
+    folded into the base weights (`merge_lora`), so the result is a plain model transformers loads."""
     run = restore_run(run_dir=str(run_dir), checkpoint=checkpoint, single_device=True)
-    return save(run.cfg.model, nnx.to_pure_dict(run.params), out, max_shard_size=max_shard_size, tokenizer=run.tokenizer)
+    model_cfg, params = run.cfg.model, nnx.to_pure_dict(run.params)
+    if model_cfg.lora_rank and not merge_lora:
+        raise ConfigError(f"{run_dir} trains LoRA adapters (model.lora_rank={model_cfg.lora_rank}); export them "
+                          "folded into the base weights with --merge-lora")
+    if merge_lora and not model_cfg.lora_rank:
+        raise ConfigError(f"--merge-lora: {run_dir} has no LoRA adapters (model.lora_rank=0); export it without the flag")
+    if merge_lora:
+        params, model_cfg = lora.merged(params, model_cfg), dataclasses.replace(model_cfg, lora_rank=0)
+    return save(model_cfg, params, out, max_shard_size=max_shard_size, tokenizer=run.tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,11 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--out", required=True, help="the HF model directory to write")
     exp.add_argument("--checkpoint", help="a checkpoint directory (default: the newest of the run)")
     exp.add_argument("--max-shard-size", type=int, default=0, help="bytes per safetensors file (0: one file)")
+    exp.add_argument("--merge-lora", action="store_true", help="fold a LoRA run's adapters into the base weights")
     args = parser.parse_args(argv)
     if args.command == "import":
         out = import_run(args.hf_dir, args.out, args.overrides)
     else:
-        out = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, max_shard_size=args.max_shard_size)
+        out = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, max_shard_size=args.max_shard_size,
+                         merge_lora=args.merge_lora)
     print(out)
     return 0
 

@@ -9,6 +9,7 @@ runs. A new periodic action is one class here and one line in `build_hooks`.
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 
@@ -16,7 +17,7 @@ import jax
 import numpy as np
 
 from llmx import distributed
-from llmx.checkpoint import Checkpointer
+from llmx.checkpoint import Checkpointer, saved_state
 from llmx.errors import ResourceError, TrainingError
 from llmx.evaluate import EvalSet, evaluate_sets
 from llmx.flops import mfu
@@ -25,12 +26,21 @@ from llmx.loop import Hook, LoopState
 from llmx.plot import plot_runs
 from llmx.runlock import RunLock
 
+log = logging.getLogger(__name__)
+
 
 class StopOnSignal(Hook):
-    """SIGTERM/SIGINT (preemption, Ctrl-C): finish the current step, checkpoint it, exit cleanly."""
+    """SIGTERM/SIGINT (preemption, Ctrl-C): finish the current step, checkpoint it, exit cleanly.
 
-    def __init__(self):
-        self.signal: str | None = None
+    With several processes the signal may reach one host only, or hosts at different steps; a process
+    that stopped alone would leave the others waiting in the next collective (the checkpoint save
+    included). So the processes agree: every `every` steps (`train.stop_check_every`) they all-reduce
+    the signal flag (`distributed.max_over_processes`, one tiny all-gather), and a signal on any of them
+    stops all of them after the same step. One process decides alone, after the step it is on."""
+
+    def __init__(self, *, every: int = 1):
+        self.every = every
+        self.signum = 0  # the last signal received here (0: none)
         self._previous = {}
 
     def begin(self, loop):
@@ -38,15 +48,26 @@ class StopOnSignal(Hook):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
+        self.signum = signum
 
     def after_step(self, loop, step, metrics):
-        if self.signal is not None:
-            loop.stop = self.signal
+        if jax.process_count() == 1:
+            agreed = self.signum
+        elif step % self.every == 0 and step != loop.last_step:
+            agreed = distributed.max_over_processes(self.signum)
+        else:
+            return
+        if agreed:
+            loop.stop = signal.Signals(agreed).name
 
     def end(self, loop, step):
-        if loop.stop is not None:
-            loop.writer.message(f"{loop.stop} received: checkpointing step {step} and exiting")
+        if loop.stop is None:
+            return
+        text = f"{loop.stop} received: checkpointing step {step} and exiting"
+        if jax.process_index() == 0:
+            loop.writer.message(text)
+        else:  # the other processes log warnings only (llmx.distributed)
+            log.warning("process %d: %s", jax.process_index(), text)
 
     def close(self):
         for sig, handler in self._previous.items():
@@ -72,9 +93,11 @@ class KeepRunLock(Hook):
 class Metrics(Hook):
     """Fetches the metrics of the steps dispatched since the last flush (one host sync every `every`
     steps), writes them with throughput and MFU, and checks them: a non-finite loss stops the run under
-    `train.on_nan=stop`. The first step is flushed alone: its time is mostly compilation."""
+    `train.on_nan=stop`. The first step is flushed alone: its time is mostly compilation. MFU is left
+    out where `peak_flops` is None (`llmx.flops.peak_flops` knows no figure for the device)."""
 
-    def __init__(self, *, every: int, tokens_per_step: int, peak_flops: float, flops_per_token: float, on_nan: str):
+    def __init__(self, *, every: int, tokens_per_step: int, peak_flops: float | None, flops_per_token: float,
+                 on_nan: str):
         self.every = every
         self.tokens_per_step = tokens_per_step
         self.peak_flops = peak_flops
@@ -113,8 +136,10 @@ class Metrics(Hook):
             m.pop("tokens")
             m["skipped_steps"] = int(m["skipped_steps"])
             loop.summary.losses[s] = m["loss"]
-            loop.writer.write(s, {**m, "step_time": step_time, "tokens_per_second": tokens_per_second,
-                                  "mfu": mfu(tokens_per_second, self.flops_per_token, self.peak_flops)})
+            m.update(step_time=step_time, tokens_per_second=tokens_per_second)
+            if self.peak_flops is not None:  # unknown device, no train.peak_flops_per_device: left out
+                m["mfu"] = mfu(tokens_per_second, self.flops_per_token, self.peak_flops)
+            loop.writer.write(s, m)
             self._check_finite(loop, s, m)
         last = {k: float(v) for k, v in fetched[-1].items()}
         loop.writer.progress(step, loss=last["loss"], tok_s=tokens_per_second)
@@ -156,7 +181,8 @@ class Checkpoint(Hook):
     def save(self, loop: LoopState, step: int) -> None:
         self.metrics.flush(loop, step)
         data_state = distributed.global_data_state(loop.train_iter.get_state())
-        self.ckpt.save(step, loop.state, data_state=data_state, config_yaml=loop.cfg.to_yaml())
+        state = saved_state(loop.state, loop.steps, loop.cfg.checkpoint)  # the adapters alone, when asked
+        self.ckpt.save(step, state, data_state=data_state, config_yaml=loop.cfg.to_yaml())
 
     def close(self):
         self.ckpt.close()  # waits for a save in flight
@@ -192,6 +218,36 @@ class Evaluate(Hook):
         loop.writer.message(f"step {step}: " + ", ".join(
             f"{r.name} loss {r.loss:.4f} ({r.bits_per_byte:.3f} bits/byte)" for r in results))
         return main.loss
+
+
+class EvalTasks(Hook):
+    """lm-evaluation-harness tasks (`train.eval_tasks`) every `every` steps, at step 0 of a fresh run and
+    at the end of a finished one: `tasks/<task>/<metric>` lines in metrics.jsonl. `runner(params) ->
+    {task: {metric: value}}` (`llmx.evaluate.task_runner`) holds the harness, so this module never
+    imports it."""
+
+    def __init__(self, runner, *, every: int):
+        self.runner, self.every = runner, every
+        self.last_step: int | None = None  # the end of a run that just evaluated does not evaluate again
+
+    def begin(self, loop):
+        if loop.start_step == 0 and self.every:
+            self.run(loop, 0)
+
+    def after_step(self, loop, step, metrics):
+        if self.due(loop, step):
+            self.run(loop, step)
+
+    def end(self, loop, step):
+        if loop.finished and self.last_step != step:
+            self.run(loop, step)
+
+    def run(self, loop: LoopState, step: int) -> None:
+        self.last_step = step
+        table = self.runner(loop.state.params)
+        loop.writer.write(step, {f"tasks/{task}/{m}": v for task, metrics in table.items() for m, v in metrics.items()})
+        loop.writer.message(f"step {step}: " + "; ".join(
+            f"{task} " + ", ".join(f"{m} {v:.4f}" for m, v in metrics.items()) for task, metrics in table.items()))
 
 
 class Profile(Hook):

@@ -1,10 +1,11 @@
 """The device mesh, the one table that maps logical axes to mesh axes, and the shardings of the
 train state it implies.
 
-Mesh axes come from `llmx.axes` (outermost first: `data` pure replicas, `fsdp` the ZeRO group,
-`sequence` context parallelism, `tensor` Megatron). The batch is split over the batch axes (data, fsdp),
-each sequence over `sequence`. The ZeRO stage decides which copies of the weights also split their
-`embed` axis over the ZeRO axes (fsdp, sequence) (Rajbhandari et al. 2020, ZeRO §5): stage 1 the
+Mesh axes come from `llmx.axes` (outermost first: `pipeline` stages, `data` pure replicas, `fsdp` the ZeRO
+group, `sequence` context parallelism, `tensor` Megatron). The batch is split over the batch axes (data,
+fsdp), each sequence over `sequence`; the layer stack over the pipeline stages (`llmx.pipeline`). The ZeRO
+stage decides which copies of the weights also split their `embed` axis over the ZeRO axes (fsdp,
+sequence) (Rajbhandari et al. 2020, ZeRO §5): stage 1 the
 optimizer state, stage 2 also the gradients, stage 3 also the parameters. With data > 1 that is hybrid
 sharding: ZeRO inside a group, replicas across groups (DeepSpeed's MiCS / hpZ).
 """
@@ -29,8 +30,10 @@ log = logging.getLogger(__name__)
 
 # logical axis -> mesh axes. Activations and weights share the table except for `embed`, which only
 # weights split (over the ZeRO axes, by stage; see weight_rules): activations keep the full model width.
+# The layer stack is split over pipeline stages; outside the stack (embedding, logits, loss) the stages
+# split the rows as well, last, so that is a local slice of the batch axes' rows (`llmx.pipeline`).
 RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": axes.BATCH_AXES,
+    "batch": (*axes.BATCH_AXES, "pipeline"),
     "seq": "sequence",
     "embed": None,
     "heads": "tensor",
@@ -38,7 +41,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "head_dim": None,
     "mlp": "tensor",
     "vocab": "tensor",
-    "layers": None,
+    "layers": "pipeline",
 }
 
 WEIGHT_ROLES = ("params", "grads", "opt_state")
@@ -77,11 +80,12 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     return Mesh(device_grid, axes.NAMES, axis_types=(AxisType.Auto,) * len(axes.NAMES))
 
 
-def logical_to_spec(logical_axes, shape, rules: dict, mesh: Mesh) -> P:
-    """A PartitionSpec for an array with these logical axes; a dimension its mesh axes do not divide
-    stays whole (e.g. 2 KV heads on tensor=4)."""
+def logical_to_spec(logical_axes, shape, rules: dict, mesh: Mesh, *, exclude=frozenset()) -> P:
+    """A PartitionSpec for an array with these logical axes; a dimension split over the longest prefix of
+    its mesh axes that divides it, or whole (e.g. 2 KV heads on tensor=4). Mesh axes in `exclude` are
+    never used."""
     spec = []
-    used: set[str] = set()
+    used: set[str] = set(exclude)
     for name, dim in zip(logical_axes, shape):
         axes = rules.get(name) if name is not None else None
         if axes is None:
@@ -89,8 +93,9 @@ def logical_to_spec(logical_axes, shape, rules: dict, mesh: Mesh) -> P:
             continue
         axes = (axes,) if isinstance(axes, str) else tuple(axes)
         axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
-        size = math.prod(mesh.shape[a] for a in axes)
-        if not axes or dim % size:
+        while axes and dim % math.prod(mesh.shape[a] for a in axes):
+            axes = axes[:-1]  # the outer axes that divide it (rows over data, fsdp but not pipeline)
+        if not axes:
             spec.append(None)
             continue
         used.update(axes)
@@ -128,11 +133,16 @@ def traced_platform() -> str:
 
 
 def constrain(x, logical_axes):
-    """`with_sharding_constraint` by logical axis names; a no-op outside `activation_sharding`."""
+    """`with_sharding_constraint` by logical axis names; a no-op outside `activation_sharding`. Inside
+    a `shard_map` the axes it maps by hand (the pipeline's stages) are left out: each device already
+    holds its own block along them."""
     mesh = _ACTIVE_MESH.get()
     if mesh is None:
         return x
-    spec = logical_to_spec(logical_axes, x.shape, RULES, mesh)
+    context = jax.sharding.get_abstract_mesh()
+    if context.manual_axes:  # inside a shard_map the constraint is on its mesh, with those axes manual
+        mesh = context
+    spec = logical_to_spec(logical_axes, x.shape, RULES, mesh, exclude=context.manual_axes)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 

@@ -1,6 +1,7 @@
 """Where a run's numbers go: `metrics.jsonl` (one JSON object per line), TensorBoard event files,
 optionally one CSV file per metric (DeepSpeed's csv_monitor layout: `<dir>/<name>.csv` with a
-`step,<name>` header), and the terminal (a progress bar and periodic log lines). Only process 0 writes."""
+`step,<name>` header), W&B (`llmx.tracking`, when configured), and the terminal (a progress bar and
+periodic log lines). Only process 0 writes."""
 
 from __future__ import annotations
 
@@ -24,8 +25,11 @@ def _plain(value):
 
 class MetricsWriter:
     def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, progress: bool,
-                 tensorboard_dir: str = "", csv_dir: str = ""):
+                 tensorboard_dir: str = "", csv_dir: str = "", sinks: tuple = ()):
+        """`sinks`: more destinations of every record, each with `log(step, record)` and `close()`
+        (llmx.tracking.WandbRun)."""
         self.enabled = jax.process_index() == 0
+        self._sinks = list(sinks)
         self._file = None
         self._tb = None
         self._bar = None
@@ -44,6 +48,8 @@ class MetricsWriter:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
+        for sink in self._sinks:
+            sink.log(int(step), record)
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
                 self._tb.add_scalar(key, value, int(step))
@@ -79,3 +85,5 @@ class MetricsWriter:
             self._bar.close()
         self._tb.close()
         self._file.close()
+        for sink in self._sinks:
+            sink.close()

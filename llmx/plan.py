@@ -2,10 +2,15 @@
 
 Builds the abstract train state (no parameters are allocated), compiles the real train step for the
 configured mesh, and reports per-device memory (the state's shards beside the ZeRO paper's
-(2+2+K)Psi/N accounting, activations, and XLA's `memory_analysis` of the compiled step), FLOPs per
-step, and the collectives in the compiled HLO. With `--max-seq-len` and a `--target`, it searches for
-the longest `model.seq_len` whose step fits the target's memory on the configured mesh (doubling, then
-bisection, one AOT compile per probe): what `mesh.sequence=8` buys, before paying for it.
+(2+2+K)Psi/N accounting, activations, and XLA's `memory_analysis` of the compiled step), FLOPs per step, and the
+collectives and custom calls (Pallas/Mosaic, Triton, cuDNN kernels) in the compiled HLO. Every
+backend-dependent choice (attention kernel, Pallas compiled or interpreted, bf16 dots, offload memory)
+is made for the platform of the mesh compiled for, so `--target v5e:2x2` compiles what a v5e would run;
+the plan names the attention and optimizer kernels it used. On a pipelined mesh it adds the schedule,
+its bubble and the bytes the stages send (`llmx.pipeline`). `--no-compile` stops before compiling: the
+state's bytes and the schedule. Every plan reports the activations per device; with `--max-seq-len` and a
+`--target`, it searches for the longest `model.seq_len` whose step fits the target's memory on the
+configured mesh (one AOT compile per probe): what `mesh.sequence=8` buys, before paying for it.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ from collections import Counter
 import jax
 import numpy as np
 
+from llmx import attention as attention_lib
 from llmx import axes
 from llmx import batch as batch_lib
 from llmx import config as config_lib
 from llmx import mesh as mesh_lib
+from llmx import optim, targets
+from llmx import pipeline as pipeline_lib
 from llmx import sequence as sequence_lib
-from llmx import targets
 from llmx.cli import run as run_cli
 from llmx.config import Config
 from llmx.errors import ConfigError
@@ -41,6 +48,30 @@ def collective_counts(hlo_text: str) -> dict[str, int]:
     """Collective instructions in HLO text by kind (async `-start` forms counted once, `-done` not)."""
     counts = Counter(m.group(1) for m in _COLLECTIVE_RE.finditer(hlo_text))
     return {kind: counts.get(kind, 0) for kind in COLLECTIVES}
+
+
+_CUSTOM_CALL_RE = re.compile(r'custom_call_target="([^"]+)"')
+# How Pallas lowers on each platform (on CPU it only interprets, so the jnp reference runs instead).
+PALLAS_LOWERING = {"tpu": "Mosaic", "gpu": "Triton", "cuda": "Triton", "rocm": "Triton"}
+
+
+def custom_call_counts(hlo_text: str) -> dict[str, int]:
+    """Custom calls in HLO text by target: tpu_custom_call (Mosaic: splash, Pallas kernels),
+    __gpu$xla.gpu.triton (Pallas on GPU), __cudnn$fmha* (cuDNN attention), ..."""
+    return dict(sorted(Counter(_CUSTOM_CALL_RE.findall(hlo_text)).items()))
+
+
+def kernels(cfg: Config, mesh) -> dict[str, str]:
+    """The attention and optimizer implementations a step compiled for `mesh` uses."""
+    platform = mesh.devices.flat[0].platform
+    attention = attention_lib.resolve(cfg.model.attention, cfg.model.dtype, platform)
+    if cfg.optim.impl == "optax":
+        optimizer = f"optax {cfg.optim.name} (XLA-fused)"
+    elif optim.fused_impl(mesh) == "pallas":
+        optimizer = f"Pallas {cfg.optim.name} kernel ({PALLAS_LOWERING.get(platform, platform)}, compiled)"
+    else:
+        optimizer = f"jnp reference of the Pallas {cfg.optim.name} kernel (Pallas only interprets on {platform})"
+    return {"attention": f"{attention} (model.attention={cfg.model.attention})", "optimizer": optimizer}
 
 
 def per_device_bytes(tree) -> int:
@@ -78,25 +109,34 @@ class StateMemory:
         return self.expected_params + self.expected_grads + self.expected_opt_state
 
 
-def zero_expectation(*, params: int, grads: int, opt_state: int, zero_stage: int, zero_group: int, tensor: int):
+def zero_expectation(
+    *, params: int, grads: int, opt_state: int, zero_stage: int, zero_group: int, tensor: int,
+    pipeline: int = 1, stack_share: float = 1.0,
+):
     """ZeRO §5.1 per device: stage 1 splits the optimizer state K·Psi over the N = `zero_group` devices
-    (fsdp x sequence: `llmx.axes.ZERO_AXES`), stage 2 also the gradients, stage 3 also the parameters;
-    tensor parallelism splits everything by T (Megatron; norm scales, replicated there, are a rounding error)."""
-    split = lambda nbytes, from_stage: nbytes / tensor / (zero_group if zero_stage >= from_stage else 1)  # noqa: E731
+    (fsdp x sequence: `llmx.axes.ZERO_AXES`), stage 2
+    also the gradients, stage 3 also the parameters; tensor parallelism splits everything by T
+    (Megatron; norm scales, replicated there, are a rounding error); pipeline stages split the layer
+    stack, `stack_share` of the bytes (the embedding and output projection stay on every stage)."""
+    stages = stack_share / pipeline + (1 - stack_share)
+    split = lambda nbytes, from_stage: nbytes * stages / tensor / (zero_group if zero_stage >= from_stage else 1)  # noqa: E731
     return split(params, 3), split(grads, 2), split(opt_state, 1)
 
 
 def state_memory(cfg: Config, steps: Steps) -> StateMemory:
     params = abstract_with_shardings(steps.abstract_state.params, steps.state_shardings.params)
-    grads = abstract_with_shardings(steps.abstract_state.params, steps.grad_shardings)
+    trainable = steps.partition.split(steps.abstract_state.params)[0]  # all, or the LoRA adapters
+    grads = abstract_with_shardings(trainable, steps.grad_shardings)
     opt = abstract_with_shardings(steps.abstract_state.opt_state, steps.state_shardings.opt_state)
     expected = zero_expectation(
         params=_total_bytes(params),
-        grads=_total_bytes(params),  # gradients have the parameters' dtype
+        grads=_total_bytes(grads),  # gradients have the trainable parameters' dtype
         opt_state=_total_bytes(opt),
         zero_stage=cfg.mesh.zero_stage,
         zero_group=axes.zero_group_size(dict(steps.mesh.shape)),
         tensor=steps.mesh.shape["tensor"],
+        pipeline=steps.mesh.shape["pipeline"],
+        stack_share=pipeline_lib.stack_bytes(params) / _total_bytes(params),
     )
     return StateMemory(
         n_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
@@ -114,7 +154,7 @@ def memory_report(cfg: Config, steps: Steps, state) -> str:
     """The start-up report: per-device bytes of each copy of the weights, measured on the live shards,
     beside ZeRO's expectation for this stage and mesh."""
     expected = state_memory(cfg, steps)
-    grads = abstract_with_shardings(steps.abstract_state.params, steps.grad_shardings)
+    grads = abstract_with_shardings(steps.partition.split(steps.abstract_state.params)[0], steps.grad_shardings)
     actual = {
         "params": sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(state.params)),
         "grads": per_device_bytes(grads),  # gradients live only inside the step: from their shardings
@@ -145,12 +185,13 @@ def _cost(compiled) -> dict:
     return cost or {}
 
 
-def _roofline(*, model_flops: float, memory_bytes: float, chip) -> dict:
+def _roofline(*, model_flops: float, memory_bytes: float, chip, bubble: float = 0.0) -> dict:
     """A lower bound on step time: the slower of the chip's peak FLOP/s and its HBM bandwidth
-    (collectives and overheads are not modelled), and the MFU it implies."""
+    (collectives and overheads are not modelled), and the MFU it implies. A pipeline's stages compute
+    only in 1 - bubble of the step (`llmx.pipeline.Schedule.bubble`)."""
     if chip is None:
         return {}
-    seconds = max(model_flops / chip.peak_bf16_flops, memory_bytes / chip.hbm_bytes_per_second)
+    seconds = max(model_flops / chip.peak_bf16_flops / (1 - bubble), memory_bytes / chip.hbm_bytes_per_second)
     return {"estimated_step_seconds": seconds, "estimated_mfu": model_flops / (seconds * chip.peak_bf16_flops)}
 
 
@@ -165,7 +206,8 @@ def tokens_per_device(cfg: Config, mesh) -> int:
     return cfg.train.micro_batch_size * cfg.model.seq_len // mesh.shape[sequence_lib.AXIS]
 
 
-def _base(cfg: Config, target: str, mesh, resolved, memory: StateMemory, tokens: int, model_flops: float) -> dict:
+def _base(cfg: Config, target: str, steps: Steps, resolved, memory: StateMemory, tokens: int, model_flops: float) -> dict:
+    mesh = steps.mesh
     parallel = sequence_lib.resolve(cfg, mesh)
     return {
         "target": target,
@@ -184,18 +226,25 @@ def _base(cfg: Config, target: str, mesh, resolved, memory: StateMemory, tokens:
         "seq_len": cfg.model.seq_len,
         "sequence_parallel": parallel.strategy if parallel else None,
         "tokens_per_device": tokens_per_device(cfg, mesh),
-    }
+        "kernels": kernels(cfg, mesh),
+    } | ({"pipeline": pipeline_lib.traffic(cfg, mesh, steps.pipeline, steps.abstract_state.params)}
+         if steps.pipeline is not None else {})
 
 
-def plan(cfg: Config, *, target: str = "current", devices=None, resolved: targets.Target | None = None) -> dict:
-    """The plan as a JSON-ready dict (bytes and FLOPs are per device). `resolved`: the target, already
-    resolved (a search compiles many plans for one target)."""
+def plan(cfg: Config, *, target: str = "current", devices=None, compile: bool = True,
+         resolved: targets.Target | None = None) -> dict:
+    """The plan as a JSON-ready dict (bytes and FLOPs are per device). `compile=False` stops at what the
+    shapes and shardings tell (the state's bytes, the pipeline's schedule): seconds, where compiling a 1B
+    step for a TPU target takes minutes. `resolved`: the target, already resolved (a search compiles many
+    plans for one target)."""
     resolved = resolved or targets.resolve(target)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices if devices is not None else resolved.devices)
     steps = build_steps(cfg, mesh)
     memory = state_memory(cfg, steps)
     tokens = batch_lib.tokens_per_step(cfg, mesh)
     model_flops = flops_per_token(cfg.model) * tokens / mesh.size
+    if not compile:
+        return _base(cfg, target, steps, resolved, memory, tokens, model_flops)
     try:
         compiled = compile_train_step(cfg, steps)
     except jax.errors.JaxRuntimeError as e:
@@ -203,15 +252,16 @@ def plan(cfg: Config, *, target: str = "current", devices=None, resolved: target
         if refused is None or resolved.chip is None:
             raise
         # The TPU compiler refuses a program that cannot fit: report its numbers as the verdict.
-        return _base(cfg, target, mesh, resolved, memory, tokens, model_flops) | {
+        return _base(cfg, target, steps, resolved, memory, tokens, model_flops) | {
             "activation_bytes": refused[0],
             "memory": {"hbm_bytes": resolved.chip.hbm_bytes, "fits": False, "shortfall_bytes": refused[0] - refused[1],
                        "compiler": f"temporaries need {refused[0] / 2**30:.2f} GiB of {refused[1] / 2**30:.2f} GiB available"},
         }
     analysis = compiled.memory_analysis()
+    hlo = compiled.as_text()
     cost = _cost(compiled)
     peak = peak_bytes(analysis)
-    result = _base(cfg, target, mesh, resolved, memory, tokens, model_flops) | {
+    result = _base(cfg, target, steps, resolved, memory, tokens, model_flops) | {
         "compiled_bytes": {
             "arguments": analysis.argument_size_in_bytes,
             "outputs": analysis.output_size_in_bytes,
@@ -222,12 +272,14 @@ def plan(cfg: Config, *, target: str = "current", devices=None, resolved: target
         # The step's temporaries: activations kept for the backward pass and transient buffers.
         "activation_bytes": analysis.temp_size_in_bytes,
         "xla_flops_per_step_per_device": cost.get("flops"),
-        "collectives": collective_counts(compiled.as_text()),
+        "collectives": collective_counts(hlo),
+        "custom_calls": custom_call_counts(hlo),
     }
     if resolved.chip is not None:
         hbm = resolved.chip.hbm_bytes
         result["memory"] = {"hbm_bytes": hbm, "fits": peak <= hbm, "shortfall_bytes": max(0, peak - hbm)}
-        result.update(_roofline(model_flops=model_flops, memory_bytes=peak, chip=resolved.chip))
+        bubble = steps.pipeline.bubble if steps.pipeline is not None else 0.0
+        result.update(_roofline(model_flops=model_flops, memory_bytes=peak, chip=resolved.chip, bubble=bubble))
     return result
 
 
@@ -241,16 +293,18 @@ def format_plan(p: dict) -> str:
         f"target {p['target']}: mesh {mesh}  zero_stage={p['zero_stage']}  ({p['devices']} x {p['device_kind']})",
         f"parameters {p['parameters'] / 1e6:.2f}M   tokens per step {p['tokens_per_step']}   seq_len {p['seq_len']}"
         + (f"   sequence-parallel: {p['sequence_parallel']}" if p["sequence_parallel"] else ""),
+        f"attention {p['kernels']['attention']}   optimizer {p['kernels']['optimizer']}",
         "",
         f"{'per-device state':<22}{'actual':>14}{'ZeRO expects':>16}",
     ]
     for key, label in (("params", "parameters"), ("grads", "gradients"), ("opt_state", "optimizer state"), ("total", "total")):
         lines.append(f"  {label:<20}{_mb(p['state_bytes'][key]):>14}{_mb(p['zero_expected_bytes'][key]):>16}")
-    lines += ["", "compiled train step, per device"]
+    lines += ["", "compiled train step, per device" if "compiled_bytes" in p else "train step not compiled (--no-compile)"]
     for key, value in p.get("compiled_bytes", {}).items():
         lines.append(f"  {key:<20}{_mb(value):>14}")
-    lines.append(f"  {'activations':<20}{_mb(p['activation_bytes']):>14}   for {p['tokens_per_device']} tokens per device"
-                 " (micro_batch_size x seq_len / sequence)")
+    if "activation_bytes" in p:
+        lines.append(f"  {'activations':<20}{_mb(p['activation_bytes']):>14}   for {p['tokens_per_device']} tokens per "
+                     "device (micro_batch_size x seq_len / sequence)")
     if "memory" in p:
         m = p["memory"]
         verdict = ("fits" if m["fits"] else f"does NOT fit: short by {m['shortfall_bytes'] / 2**30:.2f} GiB")
@@ -265,6 +319,10 @@ def format_plan(p: dict) -> str:
                      " (peak FLOP/s vs HBM bandwidth; collectives not modelled)")
     if "collectives" in p:
         lines.append("collectives  " + "  ".join(f"{k} {v}" for k, v in p["collectives"].items()))
+    if p.get("custom_calls"):
+        lines.append("custom calls  " + "  ".join(f"{k} {v}" for k, v in p["custom_calls"].items()))
+    if "pipeline" in p:
+        lines.append(pipeline_lib.describe_traffic(p["pipeline"]))
     return "\n".join(lines)
 
 
@@ -338,13 +396,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="current",
                         help="current (local devices), a TPU topology (v5e:2x2, v4:2x2x1, v5p:2x2x1, v6e:2x2) "
                         "or a GPU target (h100:1x1x8, h200:1x1x8, a100:1x1x8)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="stop at the state's per-device bytes and the pipeline's schedule (no compiled step)")
     parser.add_argument("--max-seq-len", action="store_true",
                         help="search for the longest model.seq_len that fits the target (one AOT compile per probe)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_intermixed_args(argv)
     cfg = config_lib.load(args.config, args.overrides)
     if not args.max_seq_len:
-        result = plan(cfg, target=args.target)
+        result = plan(cfg, target=args.target, compile=args.compile)
         print(json.dumps(result, indent=2) if args.json else format_plan(result))
         return 0
     report = (lambda p: None) if args.json else (lambda p: print(_probe_line(p), flush=True))

@@ -16,7 +16,7 @@ from llmx import axes
 from llmx import config as config_lib
 from llmx import data as data_lib
 from llmx import mesh as mesh_lib
-from llmx.checkpoint import Checkpointer, resolve
+from llmx.checkpoint import Checkpointer, load_params, resolve
 from llmx.config import Config
 from llmx.errors import ConfigError
 from llmx.step import Steps, build_steps
@@ -57,8 +57,7 @@ def restore_run(
     directory, step = resolve(path, given_as=given_as)
     source = Checkpointer(directory, cfg.checkpoint, read_only=True)
     try:
-        target = mesh_lib.abstract_with_shardings(steps.abstract_state.params, steps.state_shardings.params)
-        params = source.restore_params(step, target)
+        params = load_params(source, step, steps, cfg.checkpoint)
     finally:
         source.close()
     # The run's own tokenizer.json (BPE) wins over any cached or retrained one.

@@ -62,6 +62,9 @@ def resolve(cfg: Config, mesh: Mesh) -> SequenceParallel | None:
             f"mesh.sequence={size} spans processes; keep each sequence on one process's devices by making "
             f"the data-parallel size (mesh.data x mesh.fsdp) a multiple of the {jax.process_count()} processes"
         )
+    if mesh.shape.get("pipeline", 1) > 1:
+        raise ConfigError(f"mesh.sequence={size} with mesh.pipeline={mesh.shape['pipeline']} is not supported yet; "
+                          "set one of them to 1")
     model, strategy = cfg.model, cfg.mesh.sequence_strategy
     platform = mesh.devices.flat[0].platform
     local = attention_lib.resolve(model.attention, _compute_dtype(cfg), platform)

@@ -1,12 +1,16 @@
 """The pure training and evaluation steps, and the sharded train state they act on.
 
 `train_step(state, batch) -> (state, metrics)` is jitted once with in/out shardings and a donated
-state. Gradients are accumulated over the leading micro-batch axis of `batch` with `lax.scan`, and
+state. Gradients are accumulated over the leading micro-batch axis of `batch` with `lax.scan` (on a
+pipelined mesh: in one pass that streams the micro-batches through the stages, `llmx.pipeline`), and
 the loss is normalised by the number of target tokens of the whole step, not per micro-batch.
+Only the trainable part of the parameters (`llmx.models.lora.partition`: all of them, or the LoRA
+adapters) is differentiated and has optimizer state; a frozen base passes through the step unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable
@@ -24,8 +28,12 @@ from llmx import batch as batch_lib
 from llmx import mesh as mesh_lib
 from llmx import models, optim
 from llmx import sequence as sequence_lib
+from llmx import pipeline as pipeline_lib
 from llmx.config import Config
+from llmx.errors import ConfigError
+from llmx.models.layers import stack_runner
 from llmx.loss_scaling import LossScaler, loss_scaler
+from llmx.models import lora
 
 
 @flax.struct.dataclass
@@ -50,6 +58,28 @@ def loss_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: dict) -> tuple[j
     return -(target_logp * mask).sum(), mask.sum()
 
 
+def accumulate_by_scan(grad_fn: Callable, params, batch: dict, grad_shardings) -> tuple[Any, jax.Array]:
+    """(summed gradients, summed loss) of the (A, B, T) batch, one micro-batch after another (`lax.scan`)."""
+
+    def accumulate(grad_sum, micro_batch):
+        (_, loss_sum), grads = grad_fn(params, micro_batch)
+        grads = jax.lax.with_sharding_constraint(grads, grad_shardings)  # ZeRO-2: reduce-scatter here
+        return jax.tree.map(jnp.add, grad_sum, grads), loss_sum
+
+    zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), grad_shardings)
+    grad_sum, micro_losses = jax.lax.scan(accumulate, zeros, batch)
+    return grad_sum, micro_losses.sum()
+
+
+def accumulate_in_one_pass(grad_fn: Callable, params, batch: dict, grad_shardings) -> tuple[Any, jax.Array]:
+    """(gradients, loss) of the (A, B, T) batch in one forward and backward pass over all its rows: a
+    pipelined mesh streams the A micro-batches through its stages (`llmx.pipeline`). Rows are laid out
+    b*A + a, so each device keeps its own rows and micro-batch a is every A-th row."""
+    rows = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1).reshape(-1, a.shape[-1]), batch)  # (A, B, T) -> (B*A, T)
+    (_, loss_sum), grads = grad_fn(params, rows)
+    return jax.lax.with_sharding_constraint(grads, grad_shardings), loss_sum
+
+
 def train_step(
     state: TrainState,
     batch: dict,
@@ -60,38 +90,36 @@ def train_step(
     grad_shardings: Any,
     scaler: LossScaler,
     opt_state_to_device: Callable = lambda opt_state: opt_state,
+    partition: lora.Partition,
+    accumulate: Callable = accumulate_by_scan,
 ) -> tuple[TrainState, dict]:
-    """One optimizer step on a batch of (A, B, T) arrays: A micro-batches of B sequences."""
+    """One optimizer step on a batch of (A, B, T) arrays: A micro-batches of B sequences, their gradients
+    summed by `accumulate` (`accumulate_by_scan`, or `accumulate_in_one_pass` on a pipelined mesh)."""
     n_tokens = batch["loss_mask"].astype(jnp.float32).sum()
     inv_tokens = 1.0 / jnp.maximum(n_tokens, 1.0)
     # fp16: differentiate the loss times the loss scale, unscale the gradients (llmx.loss_scaling).
     pre, post = scaler.factors(state.loss_scale, inv_tokens)
+    trainable, frozen = partition.split(state.params)  # LoRA: (adapters, frozen base); else (all, None)
 
-    def scaled_loss(params, micro_batch):
-        loss_sum, _ = loss_sums(params, graphdef, micro_batch)
+    def scaled_loss(trainable, micro_batch):
+        loss_sum, _ = loss_sums(partition.merge(trainable, frozen), graphdef, micro_batch)
         return loss_sum * pre, loss_sum
 
     grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
-
-    def accumulate(grad_sum, micro_batch):
-        (_, loss_sum), grads = grad_fn(state.params, micro_batch)
-        grads = jax.lax.with_sharding_constraint(grads, grad_shardings)  # ZeRO-2: reduce-scatter here
-        return jax.tree.map(jnp.add, grad_sum, grads), loss_sum
-
-    zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, state.params), grad_shardings)
-    grad_sum, micro_losses = jax.lax.scan(accumulate, zeros, batch)
+    grad_sum, loss_sum = accumulate(grad_fn, trainable, batch, grad_shardings)
     grads = jax.tree.map(lambda g: g * post, grad_sum)
     old_opt_state = opt_state_to_device(state.opt_state)  # mesh.offload_optimizer: host -> device
-    updates, opt_state = tx.update(grads, old_opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    loss, grad_norm = micro_losses.sum() * inv_tokens, optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, old_opt_state, trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
+    loss, grad_norm = loss_sum * inv_tokens, optax.tree.norm(grads)
     # A non-finite loss or gradient drops the whole update (DeepSpeed's skipped step): a select that
     # XLA fuses into the update, with no host round trip. fp16 overflows take the same path and
     # also lower the loss scale.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    params, opt_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, old_opt_state)
+    new_trainable, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), (new_trainable, opt_state), (trainable, old_opt_state)
     )
+    params = partition.merge(new_trainable, frozen)
     skipped_steps = state.skipped_steps + (~finite).astype(jnp.int32)
     loss_scale = scaler.update(state.loss_scale, finite)
     metrics = {
@@ -119,6 +147,7 @@ class Steps:
     mesh: Mesh
     graphdef: nnx.GraphDef
     abstract_state: TrainState
+    partition: lora.Partition  # (trainable, frozen) parameters: all trainable, or LoRA adapters on a frozen base
     state_shardings: TrainState
     grad_shardings: Any
     init: Callable[[], TrainState]
@@ -129,18 +158,28 @@ class Steps:
     eval_batch_shardings: dict
     # The host-side token permutation (T,) of every batch (sequence load balancing), or None.
     token_order: np.ndarray | None = None
+    pipeline: pipeline_lib.Schedule | None = None  # the train step's schedule on a pipelined mesh
 
 
 def build_steps(cfg: Config, mesh: Mesh) -> Steps:
     """The optimizer, the state's shardings and the jitted step functions for `cfg` on `mesh`."""
     sequence = sequence_lib.resolve(cfg, mesh)  # checked before anything is built
-    build = models.get(cfg.model.family).build
+    family = models.get(cfg.model.family)
+    build = family.build
+    schedule = pipeline_lib.schedule(cfg, mesh)
+    if schedule is not None and not family.pipelines:
+        raise ConfigError(
+            f"model.family={family.name} cannot be pipelined (its forward is not one stack of layers); set mesh.pipeline=1"
+        )
     abstract_model = nnx.eval_shape(lambda: build(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    lora.check_targets(abstract_params, cfg.model)
+    partition = lora.partition(cfg.model)
     stage = cfg.mesh.zero_stage
     param_sh = mesh_lib.weight_shardings(abstract_params, mesh, zero_stage=stage, role="params")
-    grad_sh = mesh_lib.weight_shardings(abstract_params, mesh, zero_stage=stage, role="grads")
-    moment_sh = mesh_lib.weight_shardings(abstract_params, mesh, zero_stage=stage, role="opt_state")
+    # Gradients and optimizer state exist for the trainable parameters only.
+    grad_sh = partition.split(mesh_lib.weight_shardings(abstract_params, mesh, zero_stage=stage, role="grads"))[0]
+    moment_sh = partition.split(mesh_lib.weight_shardings(abstract_params, mesh, zero_stage=stage, role="opt_state"))[0]
     tx, lr_schedule = optim.build(
         cfg.optim, cfg.train.steps, mesh=mesh, state_specs=jax.tree.map(lambda s: s.spec, moment_sh)
     )
@@ -155,12 +194,13 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
     def init_from_params(params: nnx.State) -> TrainState:
         zero = jnp.zeros((), jnp.int32)
         return TrainState(
-            step=zero, params=params, opt_state=tx.init(params), skipped_steps=zero, loss_scale=scaler.init()
+            step=zero, params=params, opt_state=tx.init(partition.split(params)[0]), skipped_steps=zero,
+            loss_scale=scaler.init(),
         )
 
     abstract_state = jax.eval_shape(init)
     opt_sh, opt_state_to_device = mesh_lib.offloaded(
-        mesh_lib.opt_state_shardings(abstract_state.opt_state, abstract_params, moment_sh, mesh),
+        mesh_lib.opt_state_shardings(abstract_state.opt_state, partition.split(abstract_params)[0], moment_sh, mesh),
         offload=cfg.mesh.offload_optimizer,
     )
     state_sh = TrainState(
@@ -174,30 +214,40 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
     eval_batch_sh = batch_lib.eval_shardings(mesh)
     replicated = mesh_lib.replicated(mesh)
 
-    def under_rules(fn):
-        # Activations are constrained through the rules table, and attention runs the sequence-parallel
-        # strategy, while `fn` traces (the body of a jitted function runs only then).
+    def under_rules(fn, layer_stack=contextlib.nullcontext):
+        # Activations are constrained through the rules table and attention runs the sequence-parallel strategy,
+        # while `fn` traces (the body of a jitted
+        # function runs only then), so the compiled step carries the constraints; `layer_stack` installs
+        # the schedule of the layer stack (the pipeline's on a pipelined mesh).
         @functools.wraps(fn)
         def traced(*args):
-            with mesh_lib.activation_sharding(mesh), attention_lib.sequence_parallel(sequence):
+            with mesh_lib.activation_sharding(mesh), attention_lib.sequence_parallel(sequence), layer_stack():
                 return fn(*args)
 
         return traced
 
+    # On a pipelined mesh the train step's forward streams its micro-batches through the stages in one
+    # pass; evaluation and generation run the stack layer by layer (the stages act as data parallelism).
+    if schedule is None:
+        accumulate, layer_stack = accumulate_by_scan, contextlib.nullcontext
+    else:
+        accumulate = accumulate_in_one_pass
+        layer_stack = functools.partial(stack_runner, pipeline_lib.runner(cfg, mesh, schedule))
     step_fn = functools.partial(
         train_step, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule, grad_shardings=grad_sh, scaler=scaler,
-        opt_state_to_device=opt_state_to_device,
+        opt_state_to_device=opt_state_to_device, accumulate=accumulate, partition=partition,
     )
     return Steps(
         mesh=mesh,
         graphdef=graphdef,
         abstract_state=abstract_state,
+        partition=partition,
         state_shardings=state_sh,
         grad_shardings=grad_sh,
         init=jax.jit(under_rules(init), out_shardings=state_sh),
         init_from_params=jax.jit(under_rules(init_from_params), in_shardings=(param_sh,), out_shardings=state_sh),
         train=jax.jit(
-            under_rules(step_fn),
+            under_rules(step_fn, layer_stack),
             in_shardings=(state_sh, batch_sh),
             out_shardings=(state_sh, replicated),
             donate_argnums=0,
@@ -210,5 +260,6 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
         batch_shardings=batch_sh,
         eval_batch_shardings=eval_batch_sh,
         token_order=sequence_lib.token_order(cfg.model.seq_len, sequence),
+        pipeline=schedule,
     )
 

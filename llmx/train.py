@@ -23,17 +23,19 @@ from llmx import config as config_lib
 from llmx import data as data_lib
 from llmx import deepspeed, distributed, fit, hooks, runlock
 from llmx import mesh as mesh_lib
+from llmx import pipeline as pipeline_lib
 from llmx.checkpoint import Checkpointer, check_restore_from, initial_state
 from llmx.cli import run as run_cli
 from llmx.config import Config
 from llmx.errors import ConfigError
-from llmx.evaluate import build_eval_sets
-from llmx.flops import flops_per_token, peak_flops
+from llmx.evaluate import build_eval_sets, task_runner
+from llmx.flops import flops_per_token, peak_flops, unknown_peak_warning
 from llmx.loop import Hook, LoopState, RunSummary
 from llmx.loop import run as run_loop
 from llmx.metrics import MetricsWriter
 from llmx.plan import memory_report
 from llmx.step import Steps, build_steps
+from llmx.tracking import WandbRun
 
 log = logging.getLogger("llmx")
 
@@ -54,18 +56,23 @@ def build_hooks(cfg: Config, *, steps: Steps, ckpt: Checkpointer, eval_sets, tok
                 lock: runlock.RunLock | None = None) -> list[Hook]:
     """The loop's actions in the order it calls them (llmx.hooks says why this order)."""
     t = cfg.train
+    peak = peak_flops(steps.mesh.devices.flat, per_device=t.peak_flops_per_device)
+    if peak is None and jax.process_index() == 0:
+        log.warning(unknown_peak_warning(steps.mesh.devices.flat))
     metrics = hooks.Metrics(
         every=t.log_every, tokens_per_step=batch_lib.tokens_per_step(cfg, steps.mesh),
-        peak_flops=peak_flops(steps.mesh.devices.flat),
+        peak_flops=peak,
         flops_per_token=flops_per_token(cfg.model), on_nan=t.on_nan,
     )
     actions: list[Hook] = [
-        hooks.StopOnSignal(),
+        hooks.StopOnSignal(every=t.stop_check_every),
         hooks.KeepRunLock(lock),
         metrics,
         hooks.Checkpoint(ckpt, every=cfg.checkpoint.every, metrics=metrics),
         hooks.Evaluate(eval_sets, every=t.eval_every),
     ]
+    if t.eval_tasks:  # lm-evaluation-harness, imported only now (the eval extra)
+        actions.append(hooks.EvalTasks(task_runner(cfg, steps, tokenizer), every=t.eval_tasks_every or t.eval_every))
     if t.profile_steps and jax.process_index() == 0:
         actions.append(hooks.Profile(*t.profile_steps, directory=run_dir / "profile"))
     if t.sample_tokens:
@@ -82,7 +89,7 @@ def data_iterator(cfg: Config, data: data_lib.PreparedData, *, micro_rows: int):
                                  leading=accum, rows=micro_rows)
     return iter(data_lib.batches(
         data.train, data.tokenizer, seq_len=cfg.model.seq_len, global_rows=accum * micro_rows, rows=rows,
-        seed=cfg.train.seed, prefetch=cfg.data.prefetch, text_field=data.text_field,
+        seed=cfg.train.seed, prefetch=cfg.data.prefetch, text_field=data.text_field, supervised=data.supervised,
     ))
 
 
@@ -90,6 +97,20 @@ def global_batches(train_iter, steps: Steps, *, accum: int) -> Iterator[dict]:
     """This process's rows of each step -> the global (A, B, T) batch, tokens in the step's order."""
     for local in train_iter:
         yield batch_lib.to_global(local, steps.batch_shardings, (accum,), token_order=steps.token_order)
+
+
+# Paths that pathlib would turn into local directories named "gs:" and the like.
+LOCAL_PATH_KEYS = (("train", "run_dir"), ("checkpoint", "restore_from"), ("train", "tensorboard_dir"),
+                   ("train", "csv_dir"), ("data", "cache_dir"))
+
+
+def refuse_uris(cfg: Config) -> None:
+    """A bucket URI where llmx still takes a local path is an error, not a local `./gs:/bucket` directory."""
+    for section, key in LOCAL_PATH_KEYS:
+        value = getattr(getattr(cfg, section), key)
+        if "://" in value:
+            raise ConfigError(f"{section}.{key}={value}: URIs (gs://, s3://, ...) are not supported here yet; "
+                              "use a local path or a mounted bucket (gcsfuse, s3fs)")
 
 
 def make_run_dir(path: str) -> Path:
@@ -108,6 +129,7 @@ def train(cfg: Config, *, devices=None) -> RunSummary:
     t_start = time.perf_counter()
     enable_compilation_cache(cfg.train.compilation_cache_dir)
     # Inputs that can be checked quickly are, before anything is created or prepared.
+    refuse_uris(cfg)
     data_lib.check_sources(cfg)
     check_restore_from(cfg.checkpoint, Path(cfg.train.run_dir) / "checkpoints")
     run_dir = make_run_dir(cfg.train.run_dir)
@@ -138,9 +160,13 @@ def train(cfg: Config, *, devices=None) -> RunSummary:
         )
         log.info(memory_report(cfg, steps, state))
         log.info(fits)
+        if steps.pipeline is not None:
+            log.info(pipeline_lib.describe_traffic(
+                pipeline_lib.traffic(cfg, mesh, steps.pipeline, steps.abstract_state.params)))
+        sinks = (WandbRun(cfg, run_dir),) if cfg.train.wandb_project and jax.process_index() == 0 else ()
         writer = opened.enter_context(contextlib.closing(
             MetricsWriter(run_dir, total_steps=cfg.train.steps, start_step=start, progress=cfg.train.progress,
-                          tensorboard_dir=cfg.train.tensorboard_dir, csv_dir=cfg.train.csv_dir)
+                          tensorboard_dir=cfg.train.tensorboard_dir, csv_dir=cfg.train.csv_dir, sinks=sinks)
         ))
         loop = LoopState(cfg=cfg, steps=steps, state=state, train_iter=train_iter, writer=writer,
                          summary=RunSummary(start_step=start), run_dir=run_dir, checkpoint_dir=ckpt.shown)

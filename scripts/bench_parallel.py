@@ -3,8 +3,9 @@
     python scripts/bench_parallel.py [--config configs/tiny.yaml] [--steps 5] [--only NAME,NAME] [--json] [key=value ...]
 
 Runs on 8 simulated CPU devices unless real devices are present (set XLA_FLAGS yourself to change).
-The global batch is the same for every layout (micro_batch_size is scaled by the data-parallel size),
-so a sequence-parallel layout holds the same tokens in fewer, longer-split rows per replica.
+The global batch is the same for every layout (micro_batch_size is scaled by the data-parallel size and,
+for pipelined layouts, by the micro-batches streamed through the stages), so a sequence-parallel layout
+holds the same tokens in fewer, longer-split rows per replica.
 """
 
 import os
@@ -22,7 +23,8 @@ from llmx import config as config_lib  # noqa: E402
 from llmx import mesh as mesh_lib  # noqa: E402
 from llmx.benchmark import measure_train_step  # noqa: E402
 
-# name -> mesh overrides (None: one device)
+# name -> mesh overrides (None: one device). Pipelined layouts stream grad_accum_steps = stages
+# micro-batches (the global batch stays the same: micro_batch_size shrinks with it).
 LAYOUTS = {
     "1 device": None,
     "data=8": {"data": 8},
@@ -32,6 +34,10 @@ LAYOUTS = {
     "fsdp=4 tensor=2 zero3": {"fsdp": 4, "tensor": 2, "zero_stage": 3},
     "data=2 fsdp=2 tensor=2 zero2": {"data": 2, "fsdp": 2, "tensor": 2, "zero_stage": 2},
     "tensor=8": {"tensor": 8},
+    "pipeline=2 fsdp=4 zero3": {"pipeline": 2, "fsdp": 4, "zero_stage": 3},
+    "pipeline=4 fsdp=2 zero3": {"pipeline": 4, "fsdp": 2, "zero_stage": 3},
+    "pipeline=2 tensor=2 fsdp=2 zero3": {"pipeline": 2, "tensor": 2, "fsdp": 2, "zero_stage": 3},
+    "pipeline=2 repeats=2 fsdp=4 zero3": {"pipeline": 2, "pipeline_repeats": 2, "fsdp": 4, "zero_stage": 3},
     "sequence=4 fsdp=2 all_gather zero3": {"sequence": 4, "fsdp": 2, "zero_stage": 3, "sequence_strategy": "all_gather"},
     "sequence=4 fsdp=2 ulysses zero3": {"sequence": 4, "fsdp": 2, "zero_stage": 3, "sequence_strategy": "ulysses"},
     "sequence=4 fsdp=2 ring zero3": {"sequence": 4, "fsdp": 2, "zero_stage": 3, "sequence_strategy": "ring"},
@@ -40,6 +46,7 @@ LAYOUTS = {
     "sequence=8 ring zero3": {"sequence": 8, "zero_stage": 3, "sequence_strategy": "ring"},
     "sequence=2 tensor=2 fsdp=2 zero3": {"sequence": 2, "tensor": 2, "fsdp": 2, "zero_stage": 3},
 }
+SIZES = ("pipeline", "data", "fsdp", "sequence", "tensor")
 
 
 def main() -> None:
@@ -57,15 +64,16 @@ def main() -> None:
     for name, layout in LAYOUTS.items():
         if args.only and not any(part in name for part in args.only.split(",")):
             continue
-        if layout is None:
-            overrides, devices = ["mesh.data=1"], jax.devices()[:1]
-        else:
-            overrides, devices = ["mesh.data=1"] + [f"mesh.{k}={v}" for k, v in layout.items()], None
-            if math.prod(v for k, v in layout.items() if k in axes.NAMES) != n:
-                continue
-        shape = mesh_lib.mesh_shape(config_lib.load(args.config, [*args.overrides, *overrides]).mesh, len(devices or jax.devices()))
-        micro = max(1, args.global_batch // axes.data_parallel_size(shape))
-        cfg = config_lib.load(args.config, [*args.overrides, *overrides, f"train.micro_batch_size={micro}"])
+        layout = {"data": 1, **(layout or {})}
+        sizes = {axis: layout.get(axis, 1) for axis in SIZES}
+        devices = jax.devices()[:1] if name == "1 device" else None
+        if devices is None and math.prod(sizes.values()) != n:
+            continue
+        accum = sizes["pipeline"]  # one micro-batch per stage (the fewest a pipeline takes)
+        micro = max(1, args.global_batch // (sizes["data"] * sizes["fsdp"] * accum))
+        overrides = [f"mesh.{key}={value}" for key, value in layout.items()]
+        cfg = config_lib.load(args.config, [*args.overrides, *overrides, f"train.micro_batch_size={micro}",
+                                            f"train.grad_accum_steps={accum}"])
         results[name] = measure_train_step(cfg, devices=devices, steps=args.steps)
         results[name].pop("step_times")
     if args.json:

@@ -72,7 +72,7 @@ def report(run: dict, peak: float) -> dict:
         "tokens_per_step": tokens,
         "step_time": step_time,
         "tokens_per_second": tokens_per_second,
-        "mfu": mfu(tokens_per_second, flops_per_token(cfg.model), peak),
+        "mfu": mfu(tokens_per_second, flops_per_token(cfg.model), peak) if peak else float("nan"),
         "compile_seconds": run["compile_seconds"],
         "temp_bytes": analysis.temp_size_in_bytes,
         "peak_bytes": analysis.argument_size_in_bytes + analysis.output_size_in_bytes
@@ -106,7 +106,8 @@ def main(argv=None) -> int:
         peak = statistics.median(p["flops"] for p in probes)
         peak_source = "bf16 matmul probe, median of the rounds of this run"
     else:
-        peak, peak_source = peak_flops(devices), "data sheet"
+        peak = peak_flops(devices, per_device=runs["fp32"]["cfg"].train.peak_flops_per_device)
+        peak_source = "data sheet or train.peak_flops_per_device" if peak else "unknown device: no MFU"
     results = {p: report(r, peak) for p, r in runs.items()}
     results["bf16_speedup"] = results["bf16"]["tokens_per_second"] / results["fp32"]["tokens_per_second"]
     results["peak_flops"] = peak
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
         if on_cpu:
             detail = (f" (bf16 dot {results['probe_bf16_dot_flops'] / 1e9:.0f}, fp32 dot of upcast operands "
                       f"{results['probe_upcast_fp32_dot_flops'] / 1e9:.0f})")
-        print(f"peak {peak / 1e9:.0f} GFLOP/s{detail}, {peak_source}; bf16/fp32 speed {results['bf16_speedup']:.2f}x")
+        print(f"peak {(peak or float("nan")) / 1e9:.0f} GFLOP/s{detail}, {peak_source}; bf16/fp32 speed {results['bf16_speedup']:.2f}x")
         for p in PRECISIONS:
             r = results[p]
             print(f"{p}: {r['tokens_per_second']:8.0f} tokens/s  step {r['step_time'] * 1e3:7.1f} ms  "

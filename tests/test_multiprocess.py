@@ -164,3 +164,46 @@ def test_hostfile_launch_over_ssh_trains_like_one(tmp_path, data_dir, subprocess
     assert "[p1]" in proc.stdout and "joined 2 processes; 4 local of 8 devices" in proc.stdout, proc.stdout[-3000:]
     losses = step_losses(tmp_path / "run")
     np.testing.assert_allclose([losses[s] for s in (1, 2, 3)], one_process_losses, rtol=1e-5)
+
+
+def _process_id(pid: int) -> int:
+    environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    return int(next(v for v in environ if v.startswith(b"LLMX_PROCESS_ID=")).split(b"=", 1)[1])
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, data_dir, subprocess_env):
+    """A preemption notice reaching one host only: both processes agree (train.stop_check_every), save the
+    same step and exit 0; rerunning resumes from it with the losses of an uninterrupted run."""
+    run = tmp_path / "run"
+    args = [*COMMON, "mesh.zero_stage=3", "train.stop_check_every=2", f"train.run_dir={run}", f"data.cache_dir={data_dir}"]
+    launcher = subprocess.Popen(
+        [PYTHON, "-m", "llmx.launch", "--num-processes", "2", "--devices-per-process", "4", "--", *args,
+         "train.steps=100000"], cwd=REPO, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.time() + 400
+    children: list[int] = []
+    while len(children) < 2:
+        assert time.time() < deadline and launcher.poll() is None
+        out = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+        children = [int(p) for p in out]
+        time.sleep(0.2)
+    while not (run / "metrics.jsonl").exists() or not step_losses(run):  # both are past step 1
+        assert time.time() < deadline and launcher.poll() is None
+        time.sleep(0.2)
+    (victim,) = [pid for pid in children if _process_id(pid) == 1]
+    os.kill(victim, signal.SIGTERM)
+    output, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, output[-3000:]
+    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    stop = saved[-1]
+    assert stop % 2 == 0 and max(step_losses(run)) == stop, output[-3000:]
+    said = f"SIGTERM received: checkpointing step {stop} and exiting"
+    assert [line.startswith("[p0]") and said in line for line in output.splitlines()].count(True) == 1, output[-3000:]
+    assert [line.startswith("[p1]") and f"process 1: {said}" in line for line in output.splitlines()].count(True) == 1
+
+    resumed = launch([*args, f"train.steps={stop + 2}"], subprocess_env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    losses = step_losses(run)
+    reference = one_process([*COMMON, "mesh.zero_stage=3", f"train.steps={stop + 2}"], tmp_path / "ref", data_dir).losses
+    np.testing.assert_allclose([losses[s] for s in range(1, stop + 3)], [reference[s] for s in range(1, stop + 3)],
+                               rtol=1e-5)

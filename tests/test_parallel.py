@@ -140,7 +140,7 @@ def test_batch_arithmetic_mismatch_is_explained():
 def test_plan_cli_prints_json(capsys):
     assert plan_main(["--json", *SMALL, "mesh.data=1", "mesh.fsdp=8", "mesh.zero_stage=3", "train.micro_batch_size=1"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["mesh"] == {"data": 1, "fsdp": 8, "sequence": 1, "tensor": 1}
+    assert {k: v for k, v in out["mesh"].items() if v > 1} == {"fsdp": 8}
     assert out["collectives"]["all-gather"] > 0
     assert out["compiled_bytes"]["temporaries"] > 0 and out["model_flops_per_step_per_device"] > 0
     assert out["state_bytes"]["total"] == pytest.approx(out["zero_expected_bytes"]["total"], rel=0.05)

@@ -6,10 +6,15 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from conftest import REPO
 from helpers import AOT_PYTHON, needs_extra
+
+from llmx import config as config_lib
+from llmx import plan as plan_lib
+from llmx.mesh import make_mesh
 
 # Batch shape kept small so the compile stays quick; the parameters are the full ~1B.
 ONE_B = ["--config", "configs/llama_1b_v5e8.yaml", "train.micro_batch_size=1", "model.seq_len=1024"]
@@ -53,6 +58,44 @@ def test_plan_1b_for_eight_h100_fits():
     _common_checks(plan, devices=8, zero_stage=3)
     assert plan["device_kind"] == "NVIDIA H100 80GB HBM3"
     assert plan["memory"]["fits"] and plan["memory"]["shortfall_bytes"] == 0
+
+
+# A small bf16 model with model.attention=auto and the fused Pallas AdamW: what a plan compiles must be
+# what the target would run (its attention kernel, compiled Pallas), not what the CPU host would.
+SMALL_AOT = ["model.vocab_size=512", "model.d_model=512", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+             "model.d_ff=1024", "model.seq_len=512", "train.micro_batch_size=2", "train.precision=bf16",
+             "model.attention=auto", "optim.impl=pallas", "mesh.data=1", "mesh.fsdp=-1", "mesh.zero_stage=3"]
+PARAM_ARRAYS = 12  # embedding, final norm, output; 9 stacked arrays of the scanned layers: one AdamW call each
+
+
+@pytest.mark.aot_tpu
+def test_plan_for_v5e_compiles_splash_and_mosaic_optimizer_kernels():
+    needs_extra("libtpu", "tpu")
+    plan = run_plan(*SMALL_AOT, "--target", "v5e:2x2")
+    assert plan["kernels"] == {"attention": "splash (model.attention=auto)",
+                               "optimizer": "Pallas adamw kernel (Mosaic, compiled)"}
+    # Mosaic calls: splash's forward and its two backward kernels (dq, dkv) in the scanned layer, and
+    # one compiled (not interpreted: an interpreted kernel is plain HLO) AdamW kernel per parameter array.
+    assert plan["custom_calls"]["tpu_custom_call"] == 3 + PARAM_ARRAYS
+
+
+@pytest.mark.aot_gpu
+def test_plan_for_h100_compiles_cudnn_attention_and_triton_optimizer_kernels():
+    needs_extra("jax_plugins.xla_cuda12", "gpu")
+    plan = run_plan(*SMALL_AOT, "--target", "h100:1x1x8")
+    assert plan["kernels"] == {"attention": "cudnn (model.attention=auto)",
+                               "optimizer": "Pallas adamw kernel (Triton, compiled)"}
+    calls = plan["custom_calls"]
+    assert calls["__cudnn$fmhaScaleBiasSoftmax"] == 1 and calls["__cudnn$fmhaScaleBiasSoftmaxBackward"] == 1
+    assert calls["__gpu$xla.gpu.triton"] == PARAM_ARRAYS
+
+
+def test_plan_names_the_kernels_it_used_on_cpu():
+    """On a CPU mesh: XLA attention and the Pallas optimizer's jnp reference (Pallas only interprets)."""
+    cfg = config_lib.load(None, ["optim.impl=pallas"])
+    assert plan_lib.kernels(cfg, make_mesh(cfg.mesh, jax.devices()[:1])) == {
+        "attention": "xla (model.attention=auto)",
+        "optimizer": "jnp reference of the Pallas adamw kernel (Pallas only interprets on cpu)"}
 
 
 def test_unknown_target_and_missing_extra_are_one_line_errors(subprocess_env):

@@ -173,6 +173,11 @@ def test_the_system_space_keeps_the_global_batch():
     assert {c.cfg.mesh.sequence for c in found} == {2}
     assert all(c.cfg.mesh.data * c.cfg.mesh.fsdp * c.cfg.mesh.tensor == 4 for c in found)
     assert {c.row["zero_stage"] for c in found if c.row["fsdp"] == 1} == {0, 1, 2, 3}
+    # A pipelined base (2 stages x fsdp=4, 2 micro-batches of 8): layouts without stages, the same 64 rows.
+    staged = base.replace(mesh={"pipeline": 2, "data": 1, "fsdp": -1}, train={"grad_accum_steps": 2})
+    for c in system.candidates(staged, spec_lib.SystemSpace(zero_stage=(3,), remat=("none",)), 8):
+        t, m = c.cfg.train, c.cfg.mesh
+        assert m.pipeline == 1 and t.micro_batch_size * t.grad_accum_steps * m.data * m.fsdp == 64
 
 
 def test_devices_are_split_into_disjoint_subsets():

@@ -28,9 +28,9 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 
+from llmx import mesh as mesh_lib
 from llmx.attention.cudnn import cudnn_attention
 from llmx.attention.gather import gathered_attention
 from llmx.attention.mask import attention_mask, masked_attention, position_mask
@@ -40,7 +40,6 @@ from llmx.attention.splash import splash_attention, splash_kernel
 from llmx.attention.ulysses import ulysses_attention
 from llmx.attention.xla import causal_blocks, xla_attention
 from llmx.errors import ConfigError
-from llmx.mesh import traced_platform
 
 __all__ = [
     "ATTENTION",
@@ -71,16 +70,17 @@ LOCAL = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_kernel
 SEQUENCE_PARALLEL = {"all_gather": gathered_attention, "ring": ring_attention, "ulysses": ulysses_attention}
 # The kernels a strategy can run: all_gather and ring compute their own blockwise XLA attention.
 SEQUENCE_KERNELS = {"all_gather": ("xla",), "ring": ("xla",), "ulysses": tuple(LOCAL)}
-# model.attention=auto by the platform the model is traced for.
+# model.attention=auto by the platform the model is traced for: the mesh's (an AOT plan for a TPU or
+# GPU target traces on a CPU host and gets that target's kernel), never the host's default backend.
 AUTO = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}
 
 
 def resolve(name: str, dtype, platform: str | None = None) -> str:
-    """The implementation `model.attention=name` means on `platform` (default: the default backend's);
-    cuDNN's flash kernel is bf16/fp16 only."""
+    """The implementation `model.attention=name` means for `platform` (None: the platform being traced
+    for, `llmx.mesh.traced_platform`); cuDNN's flash kernel is bf16/fp16 only."""
     low_precision = jnp.dtype(dtype) != jnp.float32
     if name == "auto":
-        name = AUTO.get(platform or jax.default_backend(), "xla")
+        name = AUTO.get(platform or mesh_lib.traced_platform(), "xla")
         return name if name != "cudnn" or low_precision else "xla"
     if name == "cudnn" and not low_precision:
         raise ConfigError("model.attention=cudnn needs bf16 or fp16 compute; set train.precision=bf16 or use xla")
@@ -98,7 +98,7 @@ def _without_positions(fn: Callable) -> Callable:
 def kernel(name: str, dtype) -> Callable:
     """`attend(q, k, v, segment_ids, positions) -> out` for `model.attention=name` on the platform being
     traced for, inside the active sequence-parallel strategy if any (`sequence_parallel`)."""
-    local = resolve(name, dtype, traced_platform())
+    local = resolve(name, dtype, mesh_lib.traced_platform())
     parallel = active()
     if parallel is None:
         return _without_positions(ATTENTION[local])

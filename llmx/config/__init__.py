@@ -17,6 +17,9 @@ from llmx import axes
 from llmx.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+# The stacked projections LoRA can adapt (llmx.models.layers: Attention and MLP weights).
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+DATA_FORMATS = ("text", "prompt_completion", "chat")
 # train.precision -> the compute dtype that model.dtype=auto resolves to.
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -63,6 +66,11 @@ class ModelConfig:
         help="activation checkpointing per layer: save nothing (full), every matmul output, the weight "
         "projections' outputs, or those moved to host memory (offload; TPU/GPU, in place on CPU)",
     )
+    lora_rank: int = _field(0, min=0, help="LoRA adapters of this rank on model.lora_targets, base weights frozen (0: off)")
+    lora_alpha: float = _field(16.0, min=0.0, help="LoRA scale numerator: an adapter adds (lora_alpha / lora_rank) x A B")
+    lora_targets: str = _field(
+        "wq,wk,wv,wo", help="comma-separated projections that get adapters: wq, wk, wv, wo, w_gate, w_up, w_down, or 'all'"
+    )
 
     @property
     def head_dim(self) -> int:
@@ -82,6 +90,19 @@ class ModelConfig:
             raise ConfigError(
                 f"head dimension d_model/n_heads={self.head_dim} must be even for rotary embeddings"
             )
+        if self.lora_rank:
+            unknown = [t for t in self.lora_target_names if t not in LORA_TARGETS]
+            if unknown or not self.lora_target_names:
+                raise ConfigError(
+                    f"model.lora_targets={self.lora_targets!r}: {', '.join(map(repr, unknown)) or 'no projection'} "
+                    f"is not a projection of the model; choose from {', '.join(LORA_TARGETS)} or 'all'"
+                )
+
+    @property
+    def lora_target_names(self) -> tuple[str, ...]:
+        """The projections named by lora_targets ('all': every one), in LORA_TARGETS order when known."""
+        names = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        return LORA_TARGETS if names == ["all"] else tuple(names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +129,22 @@ class DataConfig:
     dedup: bool = _field(False, help="drop exact duplicate documents")
     max_documents: int = _field(0, min=0, help="use at most this many files per source (0: all)")
     prefetch: int = _field(8, min=0, help="batches prepared ahead by a background thread (0: in the training loop)")
+    format: str = _field(
+        "text", choices=DATA_FORMATS,
+        help="text: documents; prompt_completion / chat: supervised .jsonl records, loss on completions and "
+        "assistant turns (and their EOS) only",
+    )
+    prompt_field: str = _field("prompt", help="data.format=prompt_completion: the prompt field of each .jsonl line")
+    completion_field: str = _field("completion", help="data.format=prompt_completion: the completion field")
+    messages_field: str = _field("messages", help="data.format=chat: the field holding [{role, content}, ...]")
+    chat_template: str = _field(
+        "", help="data.format=chat: a Jinja chat template (a file or the text) marking assistant spans with "
+        "{% generation %}...{% endgeneration %} ('': the tokenizer's tokenizer_config.json, else llmx's default)"
+    )
+    train_on_prompt: bool = _field(False, help="supervised formats: put loss on prompt and user/system tokens too")
+    folds: int = _field(0, min=0, help="supervised formats: k-fold cross-validation by content hash (0: off; "
+                        "data.validation_percent then splits)")
+    fold: int = _field(0, min=0, help="with data.folds=k: the fold held out for validation, 0 .. k-1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +196,7 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
+    pipeline: int = _field(1, min=-1, help="pipeline stages: the layer stack split over devices, micro-batches streamed through")
     data: int = _field(-1, min=-1, help="pure data-parallel replicas (-1: the devices left over)")
     fsdp: int = _field(1, min=-1, help="ZeRO/FSDP group size: batch is split over it too (-1: fill)")
     sequence: int = _field(
@@ -179,6 +217,12 @@ class MeshConfig:
     zero_stage: int = _field(0, choices=(0, 1, 2, 3), help="what is sharded over fsdp (and sequence): 1 opt state, 2 +grads, 3 +params")
     offload_optimizer: bool = _field(
         False, help="keep the optimizer state in pinned host memory between steps (GPU/TPU; a no-op on CPU)"
+    )
+    pipeline_repeats: int = _field(
+        1, min=1, help="circular pipeline: each stage holds this many non-contiguous slices of the layers (bubble / R)"
+    )
+    pipeline_gather_weights_once: bool = _field(
+        True, help="zero_stage 3 with pipeline > 1: gather a stage's weights once per step, not once per micro-batch"
     )
 
     def validate(self) -> None:
@@ -234,6 +278,23 @@ class TrainConfig:
     loss_scale_window: int = _field(1000, min=1, help="fp16: steps without overflow before the scale doubles")
     hysteresis: int = _field(2, min=1, help="fp16: overflows tolerated before the scale is halved")
     min_loss_scale: float = _field(1.0, min=0.0, help="fp16: the dynamic scale never drops below this")
+    eval_tasks: str = _field(
+        "", help="lm-evaluation-harness tasks run periodically, 'NAME,NAME' (needs the eval extra; '': none)"
+    )
+    eval_tasks_every: int = _field(0, min=0, help="steps between task evaluations (0: train.eval_every); also at the end")
+    eval_tasks_include: str = _field("", help="a directory of extra task YAMLs (besides configs/tasks)")
+    eval_tasks_limit: int = _field(0, min=0, help="items per task (0: all)")
+    wandb_project: str = _field("", help="log metrics and the config to this Weights & Biases project ('': off; the wandb extra)")
+    wandb_entity: str = _field("", help="W&B entity (team or user; '': your default)")
+    wandb_run_name: str = _field("", help="W&B run name ('': W&B picks one); a rerun resumes the same run")
+    wandb_tags: str = _field("", help="W&B tags of the run, comma-separated")
+    stop_check_every: int = _field(
+        10, min=1, help="several processes: steps between the all-reduce that turns a stop signal on any process "
+        "into a stop of all of them after the same step (1: every step; each check waits for the step)"
+    )
+    peak_flops_per_device: float = _field(
+        0.0, min=0.0, help="bf16 peak FLOP/s of one device for MFU (0: llmx.flops's data-sheet table or the CPU probe)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +312,10 @@ class CheckpointConfig:
         "full",
         choices=("full", "weights"),
         help="full: state, optimizer and data position; weights: parameters only, at step 0",
+    )
+    adapters_only: bool = _field(
+        False, help="with model.lora_rank: checkpoints hold the adapters and optimizer state, not the frozen base "
+        "(read from checkpoint.restore_from)"
     )
     on_corrupt: str = _field(
         "fallback",
@@ -282,6 +347,39 @@ class Config:
     def validate(self) -> None:
         self.model.validate()
         self.mesh.validate()
+        d = self.data
+        if d.folds and d.fold >= d.folds:
+            raise ConfigError(f"data.fold={d.fold} with data.folds={d.folds}: choose a fold from 0 to {d.folds - 1}")
+        if d.folds == 1:
+            raise ConfigError("data.folds=1 holds out everything; use 0 (off) or at least 2")
+        if d.folds and d.format == "text":
+            raise ConfigError("data.folds needs a supervised data.format (prompt_completion or chat)")
+        if self.checkpoint.adapters_only and not (self.model.lora_rank and self.checkpoint.restore_from):
+            raise ConfigError(
+                "checkpoint.adapters_only=true needs model.lora_rank > 0 and checkpoint.restore_from (the frozen base)"
+            )
+        if self.mesh.pipeline != -1:  # -1 is checked once the mesh is built (llmx.step.build_steps)
+            self.check_pipeline(self.mesh.pipeline)
+
+    def check_pipeline(self, stages: int) -> None:
+        """The pipeline's arithmetic for `stages` stages (llmx.pipeline): the layers split evenly into
+        stages x repeats slices, and at least one micro-batch per stage (GPipe; the circular schedule
+        needs it so the last stage's output is back at the first stage before it is needed)."""
+        repeats, layers, micro = self.mesh.pipeline_repeats, self.model.n_layers, self.train.grad_accum_steps
+        if stages == 1:
+            if repeats > 1:
+                raise ConfigError(f"mesh.pipeline_repeats={repeats} needs mesh.pipeline > 1; set it to 1")
+            return
+        if layers % (stages * repeats):
+            raise ConfigError(
+                f"model.n_layers={layers} is not divisible by mesh.pipeline {stages} x mesh.pipeline_repeats "
+                f"{repeats} = {stages * repeats}; use a multiple of {stages * repeats} layers or fewer stages/repeats"
+            )
+        if micro < stages:
+            raise ConfigError(
+                f"train.grad_accum_steps={micro} is smaller than mesh.pipeline={stages}: the pipeline streams "
+                f"grad_accum_steps micro-batches through {stages} stages; set train.grad_accum_steps >= {stages}"
+            )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

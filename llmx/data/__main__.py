@@ -17,11 +17,14 @@ from llmx.data.prepare import prepare_data
 
 
 def count_tokens(source, tokenizer, text_field: str, *, desc: str) -> tuple[int, int]:
-    """(tokens including BOS/EOS, UTF-8 bytes) of every document of a source."""
+    """(tokens including BOS/EOS, UTF-8 bytes) of every document of a source (supervised records come
+    tokenized: their bytes are those of the decoded text, special tokens not counted)."""
     tokens = n_bytes = 0
     for i in tqdm(range(len(source)), desc=desc, unit="doc", leave=False):
-        text = sources_lib.document_text(source[i], text_field)
-        tokens += len(tokenizer.encode(text))
+        record = source[i]
+        ids = record["tokens"] if "tokens" in record else None
+        text = tokenizer.decode(ids) if ids is not None else sources_lib.document_text(record, text_field)
+        tokens += len(ids) if ids is not None else len(tokenizer.encode(text))
         n_bytes += len(text.encode("utf-8"))
     return tokens, n_bytes
 
@@ -36,7 +39,7 @@ def summary(cfg) -> dict:
         tokens, n_bytes = (int(x) for x in np.sum(counted, axis=0))
         report["sets"][name] = {"documents": docs, "tokens": tokens, "bytes": n_bytes}
     for name, _ in sources_lib.parse_mixture(cfg.data.source):
-        if not name.startswith("tfds:"):
+        if not name.startswith("tfds:") and cfg.data.format == "text":
             cleaning = sources_lib.Cleaning(validation_percent=cfg.data.validation_percent, min_chars=cfg.data.min_chars,
                                             dedup=cfg.data.dedup, text_field=cfg.data.text_field)
             stats = sources_lib.corpus_stats(name, cache_dir=cfg.data.cache_dir, cleaning=cleaning,

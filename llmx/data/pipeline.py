@@ -12,6 +12,10 @@ split again on resume with a different number of processes.
 
 Packed rows carry `segment_ids` (1, 2, ... per document piece, 0 for padding) and `positions` that restart
 at every document, so the model can mask attention across documents and rotate by in-document position.
+
+Supervised records (`llmx.data.supervised`) arrive tokenized with a loss weight per token and are packed
+whole, first fit (a record is never split across rows: its completion keeps its prompt), the weights
+packed beside the tokens so they stay aligned; a target counts only where its weight is 1.
 """
 
 from __future__ import annotations
@@ -28,14 +32,17 @@ from llmx.errors import DataError
 def _shift(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A packed row of T+1 tokens -> the batch row of `llmx.batch.BATCH_KEYS`, each (T,)."""
     tokens, seg, pos = packed["tokens"], packed["tokens_segment_ids"], packed["tokens_positions"]  # (T+1,)
-    return {
-        "inputs": tokens[:-1],
-        "targets": tokens[1:],
-        "segment_ids": seg[:-1],
-        "positions": pos[:-1],
-        # A target counts only when it continues the same document as its input token.
-        "loss_mask": (seg[1:] == seg[:-1]) & (seg[:-1] > 0),
-    }
+    # A target counts only when it continues the same document as its input token, and (supervised
+    # records) when its own loss weight is 1.
+    mask = (seg[1:] == seg[:-1]) & (seg[:-1] > 0)
+    if "weights" in packed:
+        mask &= packed["weights"][1:] > 0
+    return {"inputs": tokens[:-1], "targets": tokens[1:], "segment_ids": seg[:-1], "positions": pos[:-1], "loss_mask": mask}
+
+
+# Supervised records are packed first fit into this many open rows per stream (more: fuller rows, more
+# records held back).
+PACKING_BINS = 8
 
 
 def document_stream(sources, *, seed: int | None) -> grain.MapDataset:
@@ -109,9 +116,11 @@ def batches(
     seed: int | None,
     prefetch: int = 8,
     text_field: str = "text",
+    supervised: bool = False,
 ) -> grain.IterDataset:
     """An endless IterDataset of dicts of (len(rows), seq_len) arrays: the given row streams of global
-    batches of `global_rows` rows (default: all of them, in order)."""
+    batches of `global_rows` rows (default: all of them, in order). `supervised`: the records are
+    already {"tokens", "weights"} (`llmx.data.supervised`)."""
     docs = document_stream(sources, seed=seed)
     tokenize = lambda record: {"tokens": tokenizer.encode(document_text(record, text_field))}  # noqa: E731
     rows = list(range(global_rows) if rows is None else rows)
@@ -121,8 +130,15 @@ def batches(
     synchronous = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
     streams = []
     for r in rows:
-        it = docs[r::global_rows].map(tokenize).to_iter_dataset(synchronous)
-        it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len + 1})
+        if supervised:
+            it = docs[r::global_rows].to_iter_dataset(synchronous)
+            it = grain.experimental.FirstFitPackIterDataset(
+                it, length_struct={"tokens": seq_len + 1, "weights": seq_len + 1}, num_packing_bins=PACKING_BINS,
+                shuffle_bins=False,
+            )
+        else:
+            it = docs[r::global_rows].map(tokenize).to_iter_dataset(synchronous)
+            it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len + 1})
         streams.append(it.map(_shift))
     ds = _RowsDataset(streams, rows)
     if prefetch:

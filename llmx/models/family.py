@@ -77,3 +77,6 @@ class Family:
     # Training FLOPs (forward + backward) per token at cfg.seq_len, for MFU and the plan
     flops_per_token: Callable[[ModelConfig], float]
     hf: HFMapping | None = None  # None: no Hugging Face import/export
+    # The module's __call__ runs its layers through `layers.run_stack` with every per-row value in the
+    # carry and has nothing else to return, so a pipelined mesh can split the stack into stages.
+    pipelines: bool = False

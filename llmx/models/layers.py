@@ -1,6 +1,6 @@
 """The layers model families share, in Flax NNX: RMSNorm, rotary embeddings, grouped-query attention
 (with its KV-cache decode), the SwiGLU MLP, and the runner of a stack of layers (scan or unrolled, with
-activation checkpointing).
+activation checkpointing) with its seam for another schedule (`run_stack`: the pipeline's).
 
 Every parameter names its logical axes (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, `layers`);
 `llmx.mesh` maps them to mesh axes, so this file knows nothing about devices.
@@ -10,6 +10,8 @@ Dh head_dim, F d_ff, V vocab, L layers.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import Any, Callable
 
@@ -22,7 +24,8 @@ from llmx import attention as attention_lib
 from llmx.attention import attention_mask, masked_attention
 from llmx.config import ModelConfig
 from llmx.mesh import traced_platform
-from llmx.matmul import DOT, PROJECTION, einsum
+from llmx.matmul import DOT, PROJECTION
+from llmx.models import lora
 
 # Parameters are placed on devices by jit out_shardings derived from their logical axes (llmx.mesh),
 # not eagerly at creation, so building a model never needs a mesh.
@@ -102,14 +105,15 @@ class Attention(nnx.Module):
         # Residual projections scaled by 1/sqrt(2L) (GPT-2) so the stream's variance stays flat in depth.
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         self.wo = normal_param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), std=out_std, dtype=pd)
+        lora.attach(self, cfg, rngs, {"wq": 1, "wk": 1, "wv": 1, "wo": 2})  # model.lora_targets
 
     def _qkv(self, x, positions):
         """Rotated queries (B, T, H, Dh) and keys, values (B, T, K, Dh) in the compute dtype."""
         cfg = self.cfg
         dt = x.dtype
-        q = einsum("btd,dhk->bthk", x, self.wq[...])  # fp32 accumulation
-        k = einsum("btd,dnk->btnk", x, self.wk[...])
-        v = einsum("btd,dnk->btnk", x, self.wv[...])
+        q = lora.project(self, "wq", "btd,dhk->bthk", x)  # fp32 accumulation
+        k = lora.project(self, "wk", "btd,dnk->btnk", x)
+        v = lora.project(self, "wv", "btd,dnk->btnk", x)
         q = rope(q, positions, theta=cfg.rope_theta).astype(dt)  # (B, T, H, Dh)
         k = rope(k, positions, theta=cfg.rope_theta).astype(dt)  # (B, S, K, Dh)
         return q, k, v.astype(dt)
@@ -133,7 +137,7 @@ class Attention(nnx.Module):
 
     def _project(self, out):
         """Heads (B, T, H, Dh) -> the residual stream (B, T, D)."""
-        return einsum("bthk,hkd->btd", out, self.wo[...]).astype(out.dtype)
+        return lora.project(self, "wo", "bthk,hkd->btd", out).astype(out.dtype)
 
 
 class MLP(nnx.Module):
@@ -146,27 +150,30 @@ class MLP(nnx.Module):
         self.w_up = normal_param(rngs, (D, F), ("embed", "mlp"), std=cfg.init_std, dtype=pd)
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         self.w_down = normal_param(rngs, (F, D), ("mlp", "embed"), std=out_std, dtype=pd)
+        lora.attach(self, cfg, rngs, {"w_gate": 1, "w_up": 1, "w_down": 1})  # model.lora_targets
 
     def __call__(self, x):
-        gate = einsum("btd,df->btf", x, self.w_gate[...])  # (B, T, F) fp32
-        up = einsum("btd,df->btf", x, self.w_up[...])
+        gate = lora.project(self, "w_gate", "btd,df->btf", x)  # (B, T, F) fp32
+        up = lora.project(self, "w_up", "btd,df->btf", x)
         hidden = (jax.nn.silu(gate) * up).astype(x.dtype)  # (B, T, F)
-        return einsum("btf,fd->btd", hidden, self.w_down[...]).astype(x.dtype)
+        return lora.project(self, "w_down", "btf,fd->btd", hidden).astype(x.dtype)
 
 
 def run_layers(
-    blocks: nnx.Module, layer_fn: Callable, carry, xs: Any = None, *, scan: bool, remat: str = "none"
+    blocks: nnx.Module, layer_fn: Callable, carry, xs: Any = None, *, scan: bool, remat: str = "none",
+    prepare: Callable = lambda layer_state: layer_state,
 ) -> tuple[Any, Any]:
     """Runs `layer_fn(block, carry, x) -> (carry, y)` over the layers of `blocks`, a module whose every
     Param has a leading (L,) axis (built under `nnx.vmap`), with x the layer's slice of `xs` (a pytree
     with a leading (L,) axis, or None); returns (carry, ys stacked to (L, ...)), like `lax.scan`.
     `scan`: one traced layer under `lax.scan`, so compile time does not grow with depth, or L unrolled
-    copies. `remat`: the activation-checkpointing policy of each layer (model.remat, REMAT_POLICIES)."""
+    copies. `remat`: the activation-checkpointing policy of each layer (model.remat, REMAT_POLICIES).
+    `prepare` maps a layer's weights before use (a pipeline stage gathers its ZeRO-3 shards there)."""
     graphdef, stacked = nnx.split(blocks)
 
     def layer(carry, inputs):
         layer_state, x = inputs
-        return layer_fn(nnx.merge(graphdef, layer_state), carry, x)
+        return layer_fn(nnx.merge(graphdef, prepare(layer_state)), carry, x)
 
     if remat != "none":
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat](traced_platform()), prevent_cse=not scan)
@@ -177,3 +184,33 @@ def run_layers(
         carry, y = layer(carry, jax.tree.map(functools.partial(lambda a, i: a[i], i=i), (stacked, xs)))
         ys.append(y)
     return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
+
+
+def _sequential(blocks: nnx.Module, layer_fn: Callable, carry, *, scan: bool, remat: str):
+    return run_layers(blocks, layer_fn, carry, scan=scan, remat=remat)[0]
+
+
+# How a forward pass runs its layer stack: one layer after another on every device, unless a step was
+# built for a pipelined mesh and installed the pipeline's schedule (`llmx.pipeline`) for its tracing.
+_STACK_RUNNER: contextvars.ContextVar[Callable] = contextvars.ContextVar("llmx_stack_runner", default=_sequential)
+
+
+@contextlib.contextmanager
+def stack_runner(runner: Callable):
+    """While tracing under this context, `run_stack` runs the layer stack with `runner(blocks, layer_fn,
+    carry, *, scan, remat) -> carry` (the step builder picks it for the mesh, `llmx.step`)."""
+    token = _STACK_RUNNER.set(runner)
+    try:
+        yield
+    finally:
+        _STACK_RUNNER.reset(token)
+
+
+def run_stack(blocks: nnx.Module, layer_fn: Callable, carry, *, scan: bool, remat: str = "none"):
+    """A forward pass's layer stack: `layer_fn(block, carry, None) -> (carry, None)` over every layer of
+    `blocks`; returns the last carry. `carry` is a pytree of arrays with a leading row axis: the
+    activations and every per-row value the layers read (segment ids, positions), so a schedule that
+    splits the rows into micro-batches and runs them on different stages at once (the pipeline) hands
+    each layer the values of its rows. Runs `run_layers` unless a step installed another schedule
+    (`stack_runner`); decoding with a KV cache calls `run_layers` itself."""
+    return _STACK_RUNNER.get()(blocks, layer_fn, carry, scan=scan, remat=remat)

@@ -3,8 +3,9 @@
 token embedding -> n_layers x [RMSNorm -> GQA attention with RoPE -> residual -> RMSNorm -> SwiGLU -> residual]
 -> RMSNorm -> output projection (untied, or the transposed embedding).
 
-Layer parameters are stacked on a leading `layers` axis and run by `layers.run_layers` (`lax.scan` by
-default, so compile time does not grow with depth). Shapes as in `llmx.models.layers`.
+Layer parameters are stacked on a leading `layers` axis and run by `layers.run_stack` (`lax.scan` by
+default, so compile time does not grow with depth; the pipeline's schedule on a pipelined mesh).
+Shapes as in `llmx.models.layers`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from llmx.config import ModelConfig
 from llmx.errors import ConfigError
 from llmx.mesh import constrain
 from llmx.models.family import Family, HFMapping, HFTensors
-from llmx.models.layers import MLP, Attention, KVCache, RMSNorm, compute_dtype, normal_param, run_layers
+from llmx.models.layers import MLP, Attention, KVCache, RMSNorm, compute_dtype, normal_param, run_layers, run_stack
 from llmx.matmul import einsum
 
 
@@ -72,10 +73,13 @@ class Llama(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
 
-        def layer(block, x, _):
-            return block(x, segment_ids, positions), None
+        def layer(block, carry, _):
+            x, segments, pos = carry  # (B, T, D), (B, T), (B, T): a pipeline stage sees its micro-batch's rows
+            return (block(x, segments, pos), segments, pos), None
 
-        x, _ = run_layers(self.blocks, layer, self._embed(tokens), scan=cfg.scan_layers, remat=cfg.remat)
+        x, _, _ = run_stack(
+            self.blocks, layer, (self._embed(tokens), segment_ids, positions), scan=cfg.scan_layers, remat=cfg.remat
+        )
         return self._logits(x)
 
     def _embed(self, tokens):
@@ -272,4 +276,5 @@ FAMILY = Family(
         params_from_hf=params_from_hf,
         params_to_hf=params_to_hf,
     ),
+    pipelines=True,
 )

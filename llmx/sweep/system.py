@@ -82,8 +82,9 @@ def candidates(base: Config, space: spec_lib.SystemSpace, n_devices: int) -> lis
                 continue
             accum = global_batch // (mbs * dp)
             try:
-                cfg = base.replace(mesh={"data": data, "fsdp": fsdp, "sequence": sequence, "tensor": tensor,
-                                         "zero_stage": stage},
+                # Layouts without pipeline stages (a pipelined base config is planned with python -m llmx.plan).
+                cfg = base.replace(mesh={"pipeline": 1, "pipeline_repeats": 1, "data": data, "fsdp": fsdp,
+                                         "sequence": sequence, "tensor": tensor, "zero_stage": stage},
                                    train={"micro_batch_size": mbs, "grad_accum_steps": accum, "global_batch_size": 0},
                                    model={"remat": remat})
             except ConfigError as e:
@@ -131,7 +132,11 @@ def assess(c: Candidate, *, target: str, devices) -> None:
     if not r["fits"]:
         r["note"] = "more than the available host memory"
         return
-    r["estimated_ms"] = 1e3 * flops * n / peak_flops(devices)
+    peak = peak_flops(devices, per_device=c.cfg.train.peak_flops_per_device)
+    if peak is None:
+        r["note"] = "no peak FLOP/s known for this device (llmx.flops.PEAK_BF16_FLOPS)"
+        return
+    r["estimated_ms"] = 1e3 * flops * n / peak
 
 
 def autotune(config: str | None, overrides: list[str], *, target: str = "current") -> dict:
