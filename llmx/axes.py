@@ -17,19 +17,30 @@ class MeshAxis:
     name: str  # the mesh axis and the `mesh.<name>` config key of its size
     splits_batch: bool  # the global batch is split over it (it is a data-parallel axis)
     role: str  # what it is for, in words (help text and messages)
+    # ZeRO splits the weights' `embed` axis over it (from the stage of each copy, `llmx.mesh.weight_rules`):
+    # every axis whose devices would otherwise hold the same weights and sum the same gradients.
+    shards_weights: bool = False
 
 
 MESH_AXES: tuple[MeshAxis, ...] = (
     # Outermost, so stages span the slowest links (hosts, slices): a pipeline sends activations, not weights.
     MeshAxis("pipeline", splits_batch=False, role="pipeline stages: contiguous slices of the layer stack"),
     MeshAxis("data", splits_batch=True, role="pure data-parallel replicas"),
-    MeshAxis("fsdp", splits_batch=True, role="the ZeRO/FSDP group: the batch is split over it too"),
+    MeshAxis("fsdp", splits_batch=True, shards_weights=True, role="the ZeRO/FSDP group: the batch is split over it too"),
+    # Sequence (context) parallelism sits between fsdp and tensor, where MaxText puts its `context` axis:
+    # inner axes get the nearest devices, and after tensor's all-reduce per matmul, attention's per-layer
+    # K/V ring or all-to-all is the most frequent traffic; fsdp's weight gathers overlap with compute.
+    # Its devices hold the same weights, so ZeRO shards them over it as over fsdp (MaxText's `embed` rule).
+    MeshAxis("sequence", splits_batch=False, shards_weights=True,
+             role="sequence (context) parallel group: every sequence is split over it"),
     MeshAxis("tensor", splits_batch=False, role="tensor-parallel (Megatron) group"),
 )
 
 NAMES: tuple[str, ...] = tuple(axis.name for axis in MESH_AXES)
 # The axes the global batch is split over, outermost first (data parallelism in the widest sense).
 BATCH_AXES: tuple[str, ...] = tuple(axis.name for axis in MESH_AXES if axis.splits_batch)
+# The axes ZeRO shards the weights over: the ZeRO group is their product.
+ZERO_AXES: tuple[str, ...] = tuple(axis.name for axis in MESH_AXES if axis.shards_weights)
 
 
 def configured_sizes(mesh_cfg) -> dict[str, int]:
@@ -45,6 +56,11 @@ def single_device() -> dict[str, int]:
 def data_parallel_size(shape: dict[str, int]) -> int:
     """How many ways the global batch is split on a mesh of this shape."""
     return math.prod(shape[name] for name in BATCH_AXES)
+
+
+def zero_group_size(shape: dict[str, int]) -> int:
+    """How many ways ZeRO splits the weights on a mesh of this shape."""
+    return math.prod(shape[name] for name in ZERO_AXES)
 
 
 def describe(sizes: dict[str, int]) -> str:

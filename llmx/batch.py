@@ -3,8 +3,10 @@ rows each process builds.
 
 A training step takes (A, B, T) arrays: A = `train.grad_accum_steps` micro-batches of B global rows of
 T = `model.seq_len` tokens, B = `train.micro_batch_size` x the data-parallel size (the product of the
-batch axes of `llmx.axes`). Evaluation takes (B, T). Rows are split over the batch axes; processes
-hold contiguous blocks of rows (the device order of `jax.make_array_from_process_local_data`).
+batch axes of `llmx.axes`). Evaluation takes (B, T). Rows are split over the batch axes and tokens over
+the `seq` rule's axis (sequence parallelism), in the token order the step asks for (`token_order`: the
+load-balanced order of `llmx.sequence`); processes hold contiguous blocks of rows (the device order of
+`jax.make_array_from_process_local_data`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llmx import axes
 from llmx.config import Config
+from llmx.mesh import RULES
 from llmx.errors import ConfigError
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -53,9 +56,10 @@ def tokens_per_step(cfg: Config, mesh: Mesh) -> int:
 
 
 def sharding(mesh: Mesh, ndim: int, *, batch_dim: int = 0) -> NamedSharding:
-    """Rows (dimension `batch_dim`) split over the batch axes, everything else whole."""
+    """Rows (dimension `batch_dim`) split over the batch axes, tokens (the next dimension) by the `seq` rule."""
     spec = [None] * ndim
     spec[batch_dim] = axes.BATCH_AXES
+    spec[batch_dim + 1] = RULES["seq"]
     return NamedSharding(mesh, P(*spec))
 
 
@@ -69,11 +73,15 @@ def eval_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
     return {key: sharding(mesh, 2) for key in BATCH_KEYS}
 
 
-def to_global(local: dict[str, np.ndarray], shardings: dict, leading: tuple[int, ...]) -> dict:
-    """This process's rows -> global arrays laid out by `shardings` (rows over the batch axes)."""
+def to_global(local: dict[str, np.ndarray], shardings: dict, leading: tuple[int, ...], *,
+              token_order: np.ndarray | None = None) -> dict:
+    """This process's rows -> global arrays laid out by `shardings` (rows over the batch axes), their
+    tokens permuted by `token_order` (T,) when given."""
     out = {}
     for key, value in local.items():
         value = value.reshape(*leading, -1, value.shape[-1])  # (..., B_local, T)
+        if token_order is not None:
+            value = value[..., token_order]
         global_shape = (*leading, value.shape[-2] * jax.process_count(), value.shape[-1])
         out[key] = jax.make_array_from_process_local_data(shardings[key], value, global_shape)
     return out

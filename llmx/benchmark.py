@@ -19,8 +19,9 @@ from llmx.plan import state_memory
 from llmx.step import build_steps
 
 
-def synthetic_batch(cfg: Config, mesh, *, seed: int = 0) -> dict:
-    """Random tokens, one document per row, every target counted; laid out like a real batch."""
+def synthetic_batch(cfg: Config, mesh, *, seed: int = 0, token_order: np.ndarray | None = None) -> dict:
+    """Random tokens, one document per row, every target counted; laid out like a real batch (tokens
+    in the step's order: `Steps.token_order`)."""
     shapes = abstract_batch(cfg, mesh)
     shape = shapes["inputs"].shape  # (A, B, T)
     rng = np.random.default_rng(seed)
@@ -32,6 +33,8 @@ def synthetic_batch(cfg: Config, mesh, *, seed: int = 0) -> dict:
         "positions": np.broadcast_to(np.arange(shape[-1], dtype=np.int32), shape),
         "loss_mask": np.ones(shape, bool),
     }
+    if token_order is not None:
+        host = {k: v[..., token_order] for k, v in host.items()}
     return {k: jax.device_put(v, shapes[k].sharding) for k, v in host.items()}
 
 
@@ -40,7 +43,7 @@ def measure_train_step(cfg: Config, *, devices=None, steps: int = 10, warmup: in
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     built = build_steps(cfg, mesh)
     state = built.init()
-    batch = synthetic_batch(cfg, mesh)
+    batch = synthetic_batch(cfg, mesh, token_order=built.token_order)
     t0 = time.perf_counter()
     compiled = built.train.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - t0

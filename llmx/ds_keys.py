@@ -175,7 +175,7 @@ TOP = {
     "hybrid_engine": lacks("the RLHF hybrid engine", on=_enabled),
     "pipeline": lacks("DeepSpeed's PipelineModule settings; llmx pipelines with mesh.pipeline, mesh.pipeline_repeats", on=_always),
     "expert_parallel": lacks("expert parallelism", on=_always),
-    "sequence_parallel_size": lacks("Ulysses sequence parallelism", on=lambda v: v != 1),
+    "sequence_parallel_size": mapped(int),
     "nebula": lacks("Nebula checkpointing (llmx checkpoints with Orbax)", on=_enabled),
     "datastates_ckpt": lacks("DataStates checkpointing (llmx checkpoints with Orbax)", on=_always),
     "sparse_gradients": lacks("sparse embedding gradients"),

@@ -76,11 +76,16 @@ def _precision(ds: dict, out: Translation) -> None:
 
 def _mesh(ds: dict, cfg: Config, out: Translation) -> None:
     """ZeRO shards over every data-parallel device: llmx's fsdp axis takes them all, or the hpZ/MiCS
-    group with plain replicas (mesh.data) across groups."""
+    group with plain replicas (mesh.data) across groups. Tensor and sequence parallelism take theirs first."""
     tp = ds.get("tensor_parallel") or {}
     for key in ("autotp_size", "tp_size"):
         if _given(tp, key) and tp[key] > 1:
             out.set("mesh.tensor", int(tp[key]), f"tensor_parallel.{key}")
+    if _given(ds, "sequence_parallel_size") and ds["sequence_parallel_size"] > 1:
+        # DeepSpeed-Ulysses; as there, ZeRO shards over sequence x data-parallel ranks and the batch rule's
+        # data-parallel size leaves the sequence ranks out.
+        out.set("mesh.sequence", int(ds["sequence_parallel_size"]), "sequence_parallel_size")
+        out.set("mesh.sequence_strategy", "ulysses", "sequence_parallel_size: DeepSpeed-Ulysses")
     zero = ds.get("zero_optimization")
     zero = {} if zero is None else zero
     stage = zero.get("stage", 0)

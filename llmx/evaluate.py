@@ -115,7 +115,7 @@ def build_eval_sets(cfg: Config, steps: Steps, data: data_lib.PreparedData) -> l
         n_bytes = sum(target_bytes(data.tokenizer, b["targets"], b["loss_mask"]) for b in local)
         if jax.process_count() > 1:
             n_bytes = int(multihost_utils.process_allgather(np.int64(n_bytes)).sum())
-        batches = [batch_lib.to_global(b, steps.eval_batch_shardings, ()) for b in local]
+        batches = [batch_lib.to_global(b, steps.eval_batch_shardings, (), token_order=steps.token_order) for b in local]
         eval_sets.append(EvalSet(name, batches, n_bytes))
     return eval_sets
 

@@ -2,9 +2,10 @@
 train state it implies.
 
 Mesh axes come from `llmx.axes` (outermost first: `pipeline` stages, `data` pure replicas, `fsdp` the ZeRO
-group, `tensor` Megatron). The batch is split over the batch axes (data, fsdp); the layer stack over the
-pipeline stages (`llmx.pipeline`). The ZeRO stage decides which copies of
-the weights also split their `embed` axis over fsdp (Rajbhandari et al. 2020, ZeRO §5): stage 1 the
+group, `sequence` context parallelism, `tensor` Megatron). The batch is split over the batch axes (data,
+fsdp), each sequence over `sequence`; the layer stack over the pipeline stages (`llmx.pipeline`). The ZeRO
+stage decides which copies of the weights also split their `embed` axis over the ZeRO axes (fsdp,
+sequence) (Rajbhandari et al. 2020, ZeRO §5): stage 1 the
 optimizer state, stage 2 also the gradients, stage 3 also the parameters. With data > 1 that is hybrid
 sharding: ZeRO inside a group, replicas across groups (DeepSpeed's MiCS / hpZ).
 """
@@ -28,12 +29,12 @@ from llmx.errors import ConfigError
 log = logging.getLogger(__name__)
 
 # logical axis -> mesh axes. Activations and weights share the table except for `embed`, which only
-# weights split (over fsdp, by ZeRO stage; see weight_rules): activations keep the full model width.
+# weights split (over the ZeRO axes, by stage; see weight_rules): activations keep the full model width.
 # The layer stack is split over pipeline stages; outside the stack (embedding, logits, loss) the stages
 # split the rows as well, last, so that is a local slice of the batch axes' rows (`llmx.pipeline`).
 RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": (*axes.BATCH_AXES, "pipeline"),
-    "seq": None,
+    "seq": "sequence",
     "embed": None,
     "heads": "tensor",
     "kv_heads": "tensor",
@@ -49,7 +50,7 @@ WEIGHT_ROLES = ("params", "grads", "opt_state")
 def weight_rules(zero_stage: int, role: str) -> dict:
     """The rules for one copy of the weights: `params`, `grads` or `opt_state` (ZeRO §5)."""
     sharded_from_stage = {"opt_state": 1, "grads": 2, "params": 3}[role]
-    return {**RULES, "embed": "fsdp" if zero_stage >= sharded_from_stage else None}
+    return {**RULES, "embed": axes.ZERO_AXES if zero_stage >= sharded_from_stage else None}
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:

@@ -1,14 +1,16 @@
-"""`python -m llmx.plan --config X [key=value ...] [--json]`: what a run will cost before it runs.
+"""`python -m llmx.plan --config X [key=value ...] [--json] [--max-seq-len]`: what a run will cost before it runs.
 
 Builds the abstract train state (no parameters are allocated), compiles the real train step for the
 configured mesh, and reports per-device memory (the state's shards beside the ZeRO paper's
-(2+2+K)Psi/N accounting, and XLA's `memory_analysis` of the compiled step), FLOPs per step, and the
+(2+2+K)Psi/N accounting, activations, and XLA's `memory_analysis` of the compiled step), FLOPs per step, and the
 collectives and custom calls (Pallas/Mosaic, Triton, cuDNN kernels) in the compiled HLO. Every
 backend-dependent choice (attention kernel, Pallas compiled or interpreted, bf16 dots, offload memory)
 is made for the platform of the mesh compiled for, so `--target v5e:2x2` compiles what a v5e would run;
 the plan names the attention and optimizer kernels it used. On a pipelined mesh it adds the schedule,
 its bubble and the bytes the stages send (`llmx.pipeline`). `--no-compile` stops before compiling: the
-state's bytes and the schedule.
+state's bytes and the schedule. Every plan reports the activations per device; with `--max-seq-len` and a
+`--target`, it searches for the longest `model.seq_len` whose step fits the target's memory on the
+configured mesh (one AOT compile per probe): what `mesh.sequence=8` buys, before paying for it.
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ import jax
 import numpy as np
 
 from llmx import attention as attention_lib
+from llmx import axes
 from llmx import batch as batch_lib
 from llmx import config as config_lib
 from llmx import mesh as mesh_lib
 from llmx import optim, targets
 from llmx import pipeline as pipeline_lib
+from llmx import sequence as sequence_lib
 from llmx.cli import run as run_cli
 from llmx.config import Config
+from llmx.errors import ConfigError
 from llmx.flops import flops_per_token
 from llmx.mesh import abstract_with_shardings
 from llmx.step import Steps, build_steps
@@ -105,15 +110,16 @@ class StateMemory:
 
 
 def zero_expectation(
-    *, params: int, grads: int, opt_state: int, zero_stage: int, fsdp: int, tensor: int,
+    *, params: int, grads: int, opt_state: int, zero_stage: int, zero_group: int, tensor: int,
     pipeline: int = 1, stack_share: float = 1.0,
 ):
-    """ZeRO §5.1 per device: stage 1 splits the optimizer state K·Psi over the N=fsdp group, stage 2
+    """ZeRO §5.1 per device: stage 1 splits the optimizer state K·Psi over the N = `zero_group` devices
+    (fsdp x sequence: `llmx.axes.ZERO_AXES`), stage 2
     also the gradients, stage 3 also the parameters; tensor parallelism splits everything by T
     (Megatron; norm scales, replicated there, are a rounding error); pipeline stages split the layer
     stack, `stack_share` of the bytes (the embedding and output projection stay on every stage)."""
     stages = stack_share / pipeline + (1 - stack_share)
-    split = lambda nbytes, from_stage: nbytes * stages / tensor / (fsdp if zero_stage >= from_stage else 1)  # noqa: E731
+    split = lambda nbytes, from_stage: nbytes * stages / tensor / (zero_group if zero_stage >= from_stage else 1)  # noqa: E731
     return split(params, 3), split(grads, 2), split(opt_state, 1)
 
 
@@ -127,7 +133,7 @@ def state_memory(cfg: Config, steps: Steps) -> StateMemory:
         grads=_total_bytes(grads),  # gradients have the trainable parameters' dtype
         opt_state=_total_bytes(opt),
         zero_stage=cfg.mesh.zero_stage,
-        fsdp=steps.mesh.shape["fsdp"],
+        zero_group=axes.zero_group_size(dict(steps.mesh.shape)),
         tensor=steps.mesh.shape["tensor"],
         pipeline=steps.mesh.shape["pipeline"],
         stack_share=pipeline_lib.stack_bytes(params) / _total_bytes(params),
@@ -195,8 +201,14 @@ def compiler_out_of_memory(message: str) -> tuple[float, float] | None:
     return (float(m.group(1)) * 2**30, float(m.group(2)) * 2**30) if m else None
 
 
+def tokens_per_device(cfg: Config, mesh) -> int:
+    """Tokens one device holds activations of in a micro-step: its rows, its share of each sequence."""
+    return cfg.train.micro_batch_size * cfg.model.seq_len // mesh.shape[sequence_lib.AXIS]
+
+
 def _base(cfg: Config, target: str, steps: Steps, resolved, memory: StateMemory, tokens: int, model_flops: float) -> dict:
     mesh = steps.mesh
+    parallel = sequence_lib.resolve(cfg, mesh)
     return {
         "target": target,
         "mesh": dict(mesh.shape),
@@ -211,16 +223,21 @@ def _base(cfg: Config, target: str, steps: Steps, resolved, memory: StateMemory,
         "zero_expected_bytes": {"params": memory.expected_params, "grads": memory.expected_grads,
                                 "opt_state": memory.expected_opt_state, "total": memory.expected_total},
         "model_flops_per_step_per_device": model_flops,
+        "seq_len": cfg.model.seq_len,
+        "sequence_parallel": parallel.strategy if parallel else None,
+        "tokens_per_device": tokens_per_device(cfg, mesh),
         "kernels": kernels(cfg, mesh),
     } | ({"pipeline": pipeline_lib.traffic(cfg, mesh, steps.pipeline, steps.abstract_state.params)}
          if steps.pipeline is not None else {})
 
 
-def plan(cfg: Config, *, target: str = "current", devices=None, compile: bool = True) -> dict:
+def plan(cfg: Config, *, target: str = "current", devices=None, compile: bool = True,
+         resolved: targets.Target | None = None) -> dict:
     """The plan as a JSON-ready dict (bytes and FLOPs are per device). `compile=False` stops at what the
     shapes and shardings tell (the state's bytes, the pipeline's schedule): seconds, where compiling a 1B
-    step for a TPU target takes minutes."""
-    resolved = targets.resolve(target)
+    step for a TPU target takes minutes. `resolved`: the target, already resolved (a search compiles many
+    plans for one target)."""
+    resolved = resolved or targets.resolve(target)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices if devices is not None else resolved.devices)
     steps = build_steps(cfg, mesh)
     memory = state_memory(cfg, steps)
@@ -236,6 +253,7 @@ def plan(cfg: Config, *, target: str = "current", devices=None, compile: bool = 
             raise
         # The TPU compiler refuses a program that cannot fit: report its numbers as the verdict.
         return _base(cfg, target, steps, resolved, memory, tokens, model_flops) | {
+            "activation_bytes": refused[0],
             "memory": {"hbm_bytes": resolved.chip.hbm_bytes, "fits": False, "shortfall_bytes": refused[0] - refused[1],
                        "compiler": f"temporaries need {refused[0] / 2**30:.2f} GiB of {refused[1] / 2**30:.2f} GiB available"},
         }
@@ -251,6 +269,8 @@ def plan(cfg: Config, *, target: str = "current", devices=None, compile: bool = 
             "temporaries": analysis.temp_size_in_bytes,
             "peak_estimate": peak,
         },
+        # The step's temporaries: activations kept for the backward pass and transient buffers.
+        "activation_bytes": analysis.temp_size_in_bytes,
         "xla_flops_per_step_per_device": cost.get("flops"),
         "collectives": collective_counts(hlo),
         "custom_calls": custom_call_counts(hlo),
@@ -271,7 +291,8 @@ def format_plan(p: dict) -> str:
     mesh = " ".join(f"{k}={v}" for k, v in p["mesh"].items())
     lines = [
         f"target {p['target']}: mesh {mesh}  zero_stage={p['zero_stage']}  ({p['devices']} x {p['device_kind']})",
-        f"parameters {p['parameters'] / 1e6:.2f}M   tokens per step {p['tokens_per_step']}",
+        f"parameters {p['parameters'] / 1e6:.2f}M   tokens per step {p['tokens_per_step']}   seq_len {p['seq_len']}"
+        + (f"   sequence-parallel: {p['sequence_parallel']}" if p["sequence_parallel"] else ""),
         f"attention {p['kernels']['attention']}   optimizer {p['kernels']['optimizer']}",
         "",
         f"{'per-device state':<22}{'actual':>14}{'ZeRO expects':>16}",
@@ -281,6 +302,9 @@ def format_plan(p: dict) -> str:
     lines += ["", "compiled train step, per device" if "compiled_bytes" in p else "train step not compiled (--no-compile)"]
     for key, value in p.get("compiled_bytes", {}).items():
         lines.append(f"  {key:<20}{_mb(value):>14}")
+    if "activation_bytes" in p:
+        lines.append(f"  {'activations':<20}{_mb(p['activation_bytes']):>14}   for {p['tokens_per_device']} tokens per "
+                     "device (micro_batch_size x seq_len / sequence)")
     if "memory" in p:
         m = p["memory"]
         verdict = ("fits" if m["fits"] else f"does NOT fit: short by {m['shortfall_bytes'] / 2**30:.2f} GiB")
@@ -302,6 +326,69 @@ def format_plan(p: dict) -> str:
     return "\n".join(lines)
 
 
+def seq_len_unit(sequence: int) -> int:
+    """The granularity of the search: multiples of 512 tokens (the splash kernel's blocks) that split
+    into 2 x sequence chunks."""
+    return math.lcm(512, 2 * sequence)
+
+
+def shortfall_bytes(p: dict) -> float:
+    """How far a plan's step is over the target's memory (negative: the headroom left)."""
+    m = p["memory"]
+    if m["fits"]:
+        return p["compiled_bytes"]["peak_estimate"] - m["hbm_bytes"]
+    return m["shortfall_bytes"]
+
+
+def longest_seq_len(cfg: Config, *, target: str, report=lambda probe: None) -> dict:
+    """The longest `model.seq_len` (a multiple of `seq_len_unit`) whose train step fits `target`'s
+    memory on the configured mesh. Every probe is an AOT compile (`plan`, passed to `report` as it
+    finishes), so probes are few: growing from model.seq_len until one does not fit, then a bracketed
+    search in units whose next probe is where the line through the bracket's memory shortfalls crosses
+    zero (memory grows about linearly in seq_len; the Illinois variant of regula falsi where it does not)."""
+    resolved = targets.resolve(target)
+    if resolved.chip is None:
+        raise ConfigError("--max-seq-len needs a --target with known device memory (e.g. v5e:2x2 or h100:1x1x8)")
+    unit = seq_len_unit(mesh_lib.mesh_shape(cfg.mesh, len(resolved.devices))[sequence_lib.AXIS])
+    probes: dict[int, dict] = {}
+
+    def probe(units: int) -> float:
+        p = plan(cfg.replace(model={"seq_len": units * unit}), target=target, resolved=resolved)
+        probes[units] = p
+        report(p)
+        return shortfall_bytes(p)
+
+    lo, hi = 0, max(1, cfg.model.seq_len // unit)  # lo fits (0: nothing yet), hi is the next probe
+    while (short := probe(hi)) <= 0:
+        # Grow by what the headroom suggests if activations grow linearly (2x to 16x), past the answer.
+        p = probes[hi]
+        activations = p["compiled_bytes"]["peak_estimate"] - p["state_bytes"]["total"]
+        room = p["memory"]["hbm_bytes"] - p["state_bytes"]["total"]
+        lo, hi = hi, hi * min(max(2, math.ceil(1.25 * room / max(activations, 1))), 16)
+    short_lo = shortfall_bytes(probes[lo]) if lo else None
+    moved = None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if short_lo is not None:  # where the line through (lo, short_lo) and (hi, short) crosses zero
+            mid = min(max(lo + int((hi - lo) * -short_lo / (short - short_lo)), lo + 1), hi - 1)
+        if probe(mid) <= 0:
+            lo, short_lo = mid, shortfall_bytes(probes[mid])
+            short = short / 2 if moved == "lo" else short  # Illinois: a far end kept twice counts less
+            moved = "lo"
+        else:
+            hi, short = mid, shortfall_bytes(probes[mid])
+            short_lo = short_lo / 2 if moved == "hi" and short_lo is not None else short_lo
+            moved = "hi"
+    return {"target": target, "mesh": next(iter(probes.values()))["mesh"], "max_seq_len": lo * unit, "unit": unit,
+            "probes": [{"seq_len": p["seq_len"], "fits": p["memory"]["fits"], "activation_bytes": p["activation_bytes"]}
+                       for _, p in sorted(probes.items())]}
+
+
+def _probe_line(p: dict) -> str:
+    verdict = "fits" if p["memory"]["fits"] else "does not fit"
+    return f"seq_len {p['seq_len']:>8}: activations {p['activation_bytes'] / 2**30:7.2f} GiB per device, {verdict}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmx.plan", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config file (see configs/)")
@@ -311,10 +398,23 @@ def main(argv: list[str] | None = None) -> int:
                         "or a GPU target (h100:1x1x8, h200:1x1x8, a100:1x1x8)")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="stop at the state's per-device bytes and the pipeline's schedule (no compiled step)")
+    parser.add_argument("--max-seq-len", action="store_true",
+                        help="search for the longest model.seq_len that fits the target (one AOT compile per probe)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_intermixed_args(argv)
-    result = plan(config_lib.load(args.config, args.overrides), target=args.target, compile=args.compile)
-    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    cfg = config_lib.load(args.config, args.overrides)
+    if not args.max_seq_len:
+        result = plan(cfg, target=args.target, compile=args.compile)
+        print(json.dumps(result, indent=2) if args.json else format_plan(result))
+        return 0
+    report = (lambda p: None) if args.json else (lambda p: print(_probe_line(p), flush=True))
+    found = longest_seq_len(cfg, target=args.target, report=report)
+    if args.json:
+        print(json.dumps(found, indent=2))
+    else:
+        mesh = " ".join(f"{k}={v}" for k, v in found["mesh"].items())
+        print(f"longest model.seq_len that fits {args.target} with mesh {mesh}: {found['max_seq_len']} "
+              f"(multiples of {found['unit']})")
     return 0
 
 

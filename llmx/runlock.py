@@ -184,7 +184,10 @@ class RunLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
-            current = _read(self.path)
+            try:
+                current = _read(self.path)
+            except ResourceError:  # caught mid-write by a writer that does not rename: read it at the next beat
+                continue
             if current is None or current.token != self.holder.token:
                 self.lost_to = current or self.holder
                 log.warning("lost the lock of %s to %s", self.path.parent,

@@ -18,13 +18,16 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from llmx import attention as attention_lib
 from llmx import batch as batch_lib
 from llmx import mesh as mesh_lib
 from llmx import models, optim
+from llmx import sequence as sequence_lib
 from llmx import pipeline as pipeline_lib
 from llmx.config import Config
 from llmx.errors import ConfigError
@@ -154,11 +157,14 @@ class Steps:
     evaluate: Callable[[nnx.State, dict], tuple[jax.Array, jax.Array]]
     batch_shardings: dict
     eval_batch_shardings: dict
+    # The host-side token permutation (T,) of every batch (sequence load balancing), or None.
+    token_order: np.ndarray | None = None
     pipeline: pipeline_lib.Schedule | None = None  # the train step's schedule on a pipelined mesh
 
 
 def build_steps(cfg: Config, mesh: Mesh) -> Steps:
     """The optimizer, the state's shardings and the jitted step functions for `cfg` on `mesh`."""
+    sequence = sequence_lib.resolve(cfg, mesh)  # checked before anything is built
     family = models.get(cfg.model.family)
     # model.weight_format: matmul weights stored quantized (a run written by llmx.quantize)
     build = stored_builder(family.build, cfg.model.weight_format, cfg.model.weight_group)
@@ -212,12 +218,13 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
     replicated = mesh_lib.replicated(mesh)
 
     def under_rules(fn, layer_stack=contextlib.nullcontext):
-        # Activations are constrained through the rules table while `fn` traces (the body of a jitted
+        # Activations are constrained through the rules table and attention runs the sequence-parallel strategy,
+        # while `fn` traces (the body of a jitted
         # function runs only then), so the compiled step carries the constraints; `layer_stack` installs
         # the schedule of the layer stack (the pipeline's on a pipelined mesh).
         @functools.wraps(fn)
         def traced(*args):
-            with mesh_lib.activation_sharding(mesh), layer_stack():
+            with mesh_lib.activation_sharding(mesh), attention_lib.sequence_parallel(sequence), layer_stack():
                 return fn(*args)
 
         return traced
@@ -255,6 +262,7 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
         ),
         batch_shardings=batch_sh,
         eval_batch_shardings=eval_batch_sh,
+        token_order=sequence_lib.token_order(cfg.model.seq_len, sequence),
         pipeline=schedule,
     )
 

@@ -93,10 +93,10 @@ def data_iterator(cfg: Config, data: data_lib.PreparedData, *, micro_rows: int):
     ))
 
 
-def global_batches(train_iter, shardings: dict, *, accum: int) -> Iterator[dict]:
-    """This process's rows of each step -> the global (A, B, T) batch."""
+def global_batches(train_iter, steps: Steps, *, accum: int) -> Iterator[dict]:
+    """This process's rows of each step -> the global (A, B, T) batch, tokens in the step's order."""
     for local in train_iter:
-        yield batch_lib.to_global(local, shardings, (accum,))
+        yield batch_lib.to_global(local, steps.batch_shardings, (accum,), token_order=steps.token_order)
 
 
 # Paths that pathlib would turn into local directories named "gs:" and the like.
@@ -175,7 +175,7 @@ def train(cfg: Config, *, devices=None) -> RunSummary:
                          summary=RunSummary(start_step=start), run_dir=run_dir, checkpoint_dir=ckpt.shown)
         actions = build_hooks(cfg, steps=steps, ckpt=ckpt, eval_sets=eval_sets, tokenizer=data.tokenizer,
                               run_dir=run_dir, lock=lock)
-        batches = global_batches(train_iter, steps.batch_shardings, accum=cfg.train.grad_accum_steps)
+        batches = global_batches(train_iter, steps, accum=cfg.train.grad_accum_steps)
         summary = run_loop(loop, actions, batches, train_step=steps.train)
     summary.wall_seconds = time.perf_counter() - t_start
     return summary

@@ -1,10 +1,11 @@
 """Tokens/s and per-device memory of each parallel layout, side by side in one run.
 
-    python scripts/bench_parallel.py [--config configs/tiny.yaml] [--steps 5] [--json] [key=value ...]
+    python scripts/bench_parallel.py [--config configs/tiny.yaml] [--steps 5] [--only NAME,NAME] [--json] [key=value ...]
 
 Runs on 8 simulated CPU devices unless real devices are present (set XLA_FLAGS yourself to change).
 The global batch is the same for every layout (micro_batch_size is scaled by the data-parallel size and,
-for pipelined layouts, by the micro-batches streamed through the stages).
+for pipelined layouts, by the micro-batches streamed through the stages), so a sequence-parallel layout
+holds the same tokens in fewer, longer-split rows per replica.
 """
 
 import os
@@ -17,7 +18,9 @@ import math  # noqa: E402
 
 import jax  # noqa: E402
 
+from llmx import axes  # noqa: E402
 from llmx import config as config_lib  # noqa: E402
+from llmx import mesh as mesh_lib  # noqa: E402
 from llmx.benchmark import measure_train_step  # noqa: E402
 
 # name -> mesh overrides (None: one device). Pipelined layouts stream grad_accum_steps = stages
@@ -35,8 +38,15 @@ LAYOUTS = {
     "pipeline=4 fsdp=2 zero3": {"pipeline": 4, "fsdp": 2, "zero_stage": 3},
     "pipeline=2 tensor=2 fsdp=2 zero3": {"pipeline": 2, "tensor": 2, "fsdp": 2, "zero_stage": 3},
     "pipeline=2 repeats=2 fsdp=4 zero3": {"pipeline": 2, "pipeline_repeats": 2, "fsdp": 4, "zero_stage": 3},
+    "sequence=4 fsdp=2 all_gather zero3": {"sequence": 4, "fsdp": 2, "zero_stage": 3, "sequence_strategy": "all_gather"},
+    "sequence=4 fsdp=2 ulysses zero3": {"sequence": 4, "fsdp": 2, "zero_stage": 3, "sequence_strategy": "ulysses"},
+    "sequence=4 fsdp=2 ring zero3": {"sequence": 4, "fsdp": 2, "zero_stage": 3, "sequence_strategy": "ring"},
+    "sequence=4 fsdp=2 ring in order": {"sequence": 4, "fsdp": 2, "zero_stage": 3, "sequence_strategy": "ring",
+                                        "sequence_load_balance": False},
+    "sequence=8 ring zero3": {"sequence": 8, "zero_stage": 3, "sequence_strategy": "ring"},
+    "sequence=2 tensor=2 fsdp=2 zero3": {"sequence": 2, "tensor": 2, "fsdp": 2, "zero_stage": 3},
 }
-SIZES = ("pipeline", "data", "fsdp", "tensor")
+SIZES = ("pipeline", "data", "fsdp", "sequence", "tensor")
 
 
 def main() -> None:
@@ -44,12 +54,16 @@ def main() -> None:
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--only", default="", metavar="NAME,NAME",
+                        help="run only the layouts whose name contains one of these (e.g. '1 device,sequence')")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     results = {}
     n = len(jax.devices())
     for name, layout in LAYOUTS.items():
+        if args.only and not any(part in name for part in args.only.split(",")):
+            continue
         layout = {"data": 1, **(layout or {})}
         sizes = {axis: layout.get(axis, 1) for axis in SIZES}
         devices = jax.devices()[:1] if name == "1 device" else None

@@ -1,5 +1,6 @@
-"""AOT worker of tests/test_attention.py (runs under LLMX_AOT_PYTHON, which need not have pytest):
-`python tests/aot_attention_worker.py tpu|cuda` prints one JSON report."""
+"""AOT worker of tests/test_attention.py and tests/test_sequence.py (runs under LLMX_AOT_PYTHON, which
+need not have pytest): `python tests/aot_attention_worker.py tpu|cuda|tpu_ulysses|cuda_ulysses` prints
+one JSON report."""
 
 import json
 import os
@@ -66,5 +67,51 @@ def _cuda_worker() -> dict:
     return {"cudnn_calls": len(targets), "cudnn_backward_calls": sum(t.endswith("Backward") for t in targets)}
 
 
+def _ulysses_worker(devices, local: str, **mesh_sizes) -> dict:
+    """The gradient of Ulysses attention around a fused kernel, compiled for the target's devices."""
+    from jax.sharding import AxisType, Mesh, NamedSharding
+
+    from llmx import attention, axes
+    from llmx import mesh as mesh_lib
+
+    shape = [mesh_sizes.get(name, 1) for name in axes.NAMES]
+    mesh = Mesh(np.asarray(devices).reshape(shape), axes.NAMES, axis_types=(AxisType.Auto,) * len(shape))
+    B, T, H, K, Dh = 2, 1024, 8, 4, 128
+    spec = lambda *names: NamedSharding(mesh, mesh_lib.logical_to_spec(names, (B, T, H, Dh)[:len(names)],  # noqa: E731
+                                                                          mesh_lib.RULES, mesh))
+    q = jax.ShapeDtypeStruct((B, T, H, Dh), jnp.bfloat16, sharding=spec("batch", "seq", "heads", "head_dim"))
+    kv = jax.ShapeDtypeStruct((B, T, K, Dh), jnp.bfloat16, sharding=spec("batch", "seq", "kv_heads", "head_dim"))
+    tokens = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=spec("batch", "seq"))
+    parallel = attention.SequenceParallel("ulysses", "sequence", mesh.shape["sequence"], balanced=False)
+
+    def loss(q, k, v, seg, pos):
+        with mesh_lib.activation_sharding(mesh), attention.sequence_parallel(parallel):
+            return jnp.sum(attention.kernel(local, q.dtype)(q, k, v, seg, pos).astype(jnp.float32))
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, tokens, tokens).compile().as_text()
+    return {
+        "all_to_all": len(re.findall(r" all-to-all(?:-start)?\(", hlo)),
+        "splash_kernel_calls": hlo.count("tpu_custom_call"),
+        "cudnn_calls": len(re.findall(r'custom_call_target="__cudnn\$fmha', hlo)),
+    }
+
+
+def _tpu_ulysses_worker() -> dict:
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+    return _ulysses_worker(devices, "splash", sequence=4)
+
+
+def _cuda_ulysses_worker() -> dict:
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc("h100", platform="cuda", target_config=os.environ["LLMX_H100_TARGET_CONFIG"],
+                                           topology="1x1x8").devices
+    return _ulysses_worker(devices, "cudnn", fsdp=2, sequence=4)
+
+
 if __name__ == "__main__":
-    print(json.dumps({"tpu": _tpu_worker, "cuda": _cuda_worker}[sys.argv[1]]()))
+    workers = {"tpu": _tpu_worker, "cuda": _cuda_worker, "tpu_ulysses": _tpu_ulysses_worker,
+               "cuda_ulysses": _cuda_ulysses_worker}
+    print(json.dumps(workers[sys.argv[1]]()))

@@ -96,10 +96,10 @@ from llmx.cli import run
 
 pause = float(os.environ.get("TEST_STEP_PAUSE", "0"))
 to_global = batch_lib.to_global
-def paused_to_global(local, shardings, leading):
+def paused_to_global(local, shardings, leading, **kwargs):
     if leading:
         time.sleep(pause)
-    return to_global(local, shardings, leading)
+    return to_global(local, shardings, leading, **kwargs)
 batch_lib.to_global = paused_to_global
 
 block = os.environ.get("TEST_BLOCK_SAVE_OF_STEP")

@@ -84,7 +84,7 @@ FAULTS: dict[str, Fault] = {
     "unknown key": Fault(lambda w: ["model.d_modle=64"], "unknown config key 'model.d_modle'"),
     "wrong type": Fault(lambda w: ["train.micro_batch_size=big"], "train.micro_batch_size='big' has the wrong type"),
     "mesh 3x3 on 8 devices": Fault(lambda w: ["mesh.data=3", "mesh.fsdp=3"],
-                                   "data=3xfsdp=3xtensor=1 has 9 devices but 8"),
+                                   "data=3xfsdp=3xsequence=1xtensor=1 has 9 devices but 8"),
     # Pipeline arithmetic (llmx.pipeline): the small model has 2 layers.
     "layers not dividing the pipeline": Fault(
         lambda w: ["mesh.pipeline=4", "train.grad_accum_steps=4"],

@@ -47,13 +47,13 @@ def poison_train_batch(monkeypatch, number: int, vocab_size: int):
     """The `number`-th training batch gets a token id past the vocabulary: its embedding is NaN."""
     to_global, calls = batch_lib.to_global, []
 
-    def poisoned(local, shardings, leading):
+    def poisoned(local, shardings, leading, **kwargs):
         if leading:
             calls.append(1)
             if len(calls) == number:
                 local = {**local, "inputs": local["inputs"].copy()}
                 local["inputs"][0, 0] = vocab_size
-        return to_global(local, shardings, leading)
+        return to_global(local, shardings, leading, **kwargs)
 
     monkeypatch.setattr(batch_lib, "to_global", poisoned)
 

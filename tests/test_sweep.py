@@ -168,6 +168,11 @@ def test_the_system_space_keeps_the_global_batch():
     # fsdp=1 makes every ZeRO stage the same program: it is tried once
     assert {c.row["zero_stage"] for c in found if c.row["fsdp"] == 1} == {0}
     assert {c.row["zero_stage"] for c in found if c.row["fsdp"] == 8} == {0, 1, 2, 3}
+    # The base config's sequence parallelism stays; ZeRO shards over fsdp x sequence, so stages differ at fsdp=1
+    found = system.candidates(base.replace(mesh={"sequence": 2}), spec_lib.SystemSpace(), 8)
+    assert {c.cfg.mesh.sequence for c in found} == {2}
+    assert all(c.cfg.mesh.data * c.cfg.mesh.fsdp * c.cfg.mesh.tensor == 4 for c in found)
+    assert {c.row["zero_stage"] for c in found if c.row["fsdp"] == 1} == {0, 1, 2, 3}
     # A pipelined base (2 stages x fsdp=4, 2 micro-batches of 8): layouts without stages, the same 64 rows.
     staged = base.replace(mesh={"pipeline": 2, "data": 1, "fsdp": -1}, train={"grad_accum_steps": 2})
     for c in system.candidates(staged, spec_lib.SystemSpace(zero_stage=(3,), remat=("none",)), 8):

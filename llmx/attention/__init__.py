@@ -1,4 +1,5 @@
-"""Causal, document-masked attention kernels, one per `model.attention` value.
+"""Causal, document-masked attention kernels, one per `model.attention` value, and the
+sequence-parallel strategies around them (one per `mesh.sequence_strategy`).
 
 Every implementation maps q (B, T, H, Dh) and k, v (B, S, K, Dh) in the compute dtype, with
 segment ids (B, T) of packed documents, to the output (B, T, H, Dh) in the compute dtype: token t
@@ -9,20 +10,34 @@ attends to keys s <= t of its own document. Softmax statistics are fp32 in all o
 - cudnn: cuDNN's fused flash attention through `jax.nn.dot_product_attention` (GPU, bf16/fp16).
 - splash: the Pallas splash-attention kernel that ships with JAX (TPU), with segment ids.
 
-Adding a kernel (e.g. sequence-parallel ring or Ulysses attention): a module here with
-`fn(q, k, v, segment_ids) -> out` of the signature above, an entry in `ATTENTION` and the value in
-the choices of `ModelConfig.attention`. A kernel that runs per shard gets the mesh from
+With the sequence split over the `sequence` mesh axis (`llmx.attention.parallel`), `kernel` returns a
+strategy instead, which also takes the tokens' positions (B, T): the mask comes from positions and
+segment ids, so load-balanced token orders work.
+- all_gather (gather.py): K/V gathered, queries stay split; blockwise XLA attention.
+- ring (ring.py): K/V blocks passed round the axis with ppermute; blockwise XLA attention.
+- ulysses (ulysses.py): all-to-all to whole sequences of H/S heads, any kernel above per device.
+
+Adding a kernel: a module here with `fn(q, k, v, segment_ids) -> out` of the signature above, an
+entry in `ATTENTION` (and `LOCAL` if it is usable on one shard's arrays inside Ulysses) and the value
+in the choices of `ModelConfig.attention`. A kernel that runs per shard gets the mesh from
 `llmx.mesh.active_mesh()` while the model is traced (see splash.py).
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import jax.numpy as jnp
 
 from llmx import mesh as mesh_lib
 from llmx.attention.cudnn import cudnn_attention
-from llmx.attention.mask import attention_mask, masked_attention
-from llmx.attention.splash import splash_attention
+from llmx.attention.gather import gathered_attention
+from llmx.attention.mask import attention_mask, masked_attention, position_mask
+from llmx.attention.parallel import SequenceParallel, active, sequence_parallel
+from llmx.attention.ring import ring_attention
+from llmx.attention.splash import splash_attention, splash_kernel
+from llmx.attention.ulysses import ulysses_attention
 from llmx.attention.xla import causal_blocks, xla_attention
 from llmx.errors import ConfigError
 
@@ -30,15 +45,31 @@ __all__ = [
     "ATTENTION",
     "AUTO",
     "attention_mask",
+    "LOCAL",
+    "SEQUENCE_KERNELS",
+    "SEQUENCE_PARALLEL",
+    "SequenceParallel",
     "causal_blocks",
     "cudnn_attention",
+    "gathered_attention",
+    "kernel",
     "masked_attention",
+    "position_mask",
     "resolve",
+    "ring_attention",
+    "sequence_parallel",
     "splash_attention",
+    "ulysses_attention",
     "xla_attention",
 ]
 
 ATTENTION = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_attention}
+# The same kernels on one device's whole sequences, for strategies that call them inside their own shard_map.
+LOCAL = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_kernel}
+# mesh.sequence_strategy -> fn(q, k, v, segment_ids, positions, *, axis[, local]).
+SEQUENCE_PARALLEL = {"all_gather": gathered_attention, "ring": ring_attention, "ulysses": ulysses_attention}
+# The kernels a strategy can run: all_gather and ring compute their own blockwise XLA attention.
+SEQUENCE_KERNELS = {"all_gather": ("xla",), "ring": ("xla",), "ulysses": tuple(LOCAL)}
 # model.attention=auto by the platform the model is traced for: the mesh's (an AOT plan for a TPU or
 # GPU target traces on a CPU host and gets that target's kernel), never the host's default backend.
 AUTO = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}
@@ -54,3 +85,24 @@ def resolve(name: str, dtype, platform: str | None = None) -> str:
     if name == "cudnn" and not low_precision:
         raise ConfigError("model.attention=cudnn needs bf16 or fp16 compute; set train.precision=bf16 or use xla")
     return name
+
+
+def _without_positions(fn: Callable) -> Callable:
+    def attend(q, k, v, segment_ids, positions):
+        del positions  # tokens in natural order: the kernel's own causal mask holds
+        return fn(q, k, v, segment_ids)
+
+    return attend
+
+
+def kernel(name: str, dtype) -> Callable:
+    """`attend(q, k, v, segment_ids, positions) -> out` for `model.attention=name` on the platform being
+    traced for, inside the active sequence-parallel strategy if any (`sequence_parallel`)."""
+    local = resolve(name, dtype, mesh_lib.traced_platform())
+    parallel = active()
+    if parallel is None:
+        return _without_positions(ATTENTION[local])
+    strategy = SEQUENCE_PARALLEL[parallel.strategy]
+    if parallel.strategy == "ulysses":
+        return functools.partial(strategy, axis=parallel.axis, local=LOCAL[local])
+    return functools.partial(strategy, axis=parallel.axis)

@@ -24,6 +24,16 @@ def attention_mask(q_segments, kv_segments, *, q_offset=0):
     return same_doc & causal[None]
 
 
+def position_mask(q_segments, q_positions, kv_segments, kv_positions):
+    """True where query t may attend key s, from segment ids and in-document positions (B, T), (B, S)
+    alone: same document and not in its future. (B, T, S).
+
+    It holds in any token order (packed rows restart positions at every document), so sequence-parallel
+    kernels use it on load-balanced, reordered tokens."""
+    same_doc = q_segments[:, :, None] == kv_segments[:, None, :]
+    return same_doc & (kv_positions[:, None, :] <= q_positions[:, :, None])
+
+
 def masked_attention(q, k, v, mask):
     """Softmax attention of q (B, T, H, Dh) over k, v (B, S, K, Dh) where mask (B, T, S) -> (B, T, H, Dh).
 

@@ -236,8 +236,22 @@ class MeshConfig:
     pipeline: int = _field(1, min=-1, help="pipeline stages: the layer stack split over devices, micro-batches streamed through")
     data: int = _field(-1, min=-1, help="pure data-parallel replicas (-1: the devices left over)")
     fsdp: int = _field(1, min=-1, help="ZeRO/FSDP group size: batch is split over it too (-1: fill)")
+    sequence: int = _field(
+        1, min=-1, help="sequence (context) parallel group: every sequence is split over it, weights too by ZeRO (-1: fill)"
+    )
+    sequence_strategy: str = _field(
+        "auto",
+        choices=("auto", "all_gather", "ulysses", "ring"),
+        help="attention with mesh.sequence > 1: K/V all-gathered, DeepSpeed-Ulysses all-to-alls (heads over "
+        "tensor x sequence), or a ring of K/V blocks; auto: ulysses around a fused kernel (splash, cudnn), else ring",
+    )
+    sequence_load_balance: bool = _field(
+        True,
+        help="causal load balance (all_gather, ring): device i holds chunks i and 2S-1-i of each sequence, "
+        "reordered on the host; ulysses is balanced by construction",
+    )
     tensor: int = _field(1, min=-1, help="tensor-parallel (Megatron) group size (-1: fill)")
-    zero_stage: int = _field(0, choices=(0, 1, 2, 3), help="what is sharded over fsdp: 1 opt state, 2 +grads, 3 +params")
+    zero_stage: int = _field(0, choices=(0, 1, 2, 3), help="what is sharded over fsdp (and sequence): 1 opt state, 2 +grads, 3 +params")
     offload_optimizer: bool = _field(
         False, help="keep the optimizer state in pinned host memory between steps (GPU/TPU; a no-op on CPU)"
     )

@@ -120,9 +120,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x, segment_ids, positions):
         q, k, v = self._qkv(x, positions)
-        # The kernel is looked up while tracing (model.attention; llmx.attention.ATTENTION).
-        attend = attention_lib.ATTENTION[attention_lib.resolve(self.cfg.attention, x.dtype)]
-        return self._project(attend(q, k, v, segment_ids))
+        # The kernel is looked up while tracing (model.attention, and mesh.sequence_strategy when the
+        # sequence is split: llmx.attention.kernel); positions give split, reordered tokens their mask.
+        attend = attention_lib.kernel(self.cfg.attention, x.dtype)
+        return self._project(attend(q, k, v, segment_ids, positions))
 
     def decode(self, x, k_cache, v_cache, *, kv_segments, segment_ids, positions, index):
         """Attention of T new tokens at cache slots [index, index + T) over the cache (B, S, K, Dh);

@@ -69,11 +69,14 @@ def candidates(base: Config, space: spec_lib.SystemSpace, n_devices: int) -> lis
     shape = mesh_lib.mesh_shape(base.mesh, n_devices)
     dp_base = axes.data_parallel_size(shape)
     global_batch = base.train.micro_batch_size * base.train.grad_accum_steps * dp_base
+    # The base config's sequence parallelism stays: the layouts split the devices left over.
+    sequence = shape["sequence"]
     out = []
-    for data, fsdp, tensor in [tuple(m) for m in space.mesh] or layouts(n_devices, base):
+    for data, fsdp, tensor in [tuple(m) for m in space.mesh] or layouts(n_devices // sequence, base):
         dp = data * fsdp
         micro = space.micro_batch_size or [global_batch // dp, global_batch // (2 * dp)]
-        stages = sorted(set(space.zero_stage)) if fsdp > 1 else [min(space.zero_stage)]  # fsdp=1: all alike
+        # A ZeRO group (fsdp x sequence) of 1: every stage alike
+        stages = sorted(set(space.zero_stage)) if fsdp * sequence > 1 else [min(space.zero_stage)]
         for mbs, stage, remat in itertools.product(sorted(set(micro), reverse=True), stages, space.remat):
             if mbs < 1 or global_batch % (mbs * dp):
                 continue
@@ -81,7 +84,7 @@ def candidates(base: Config, space: spec_lib.SystemSpace, n_devices: int) -> lis
             try:
                 # Layouts without pipeline stages (a pipelined base config is planned with python -m llmx.plan).
                 cfg = base.replace(mesh={"pipeline": 1, "pipeline_repeats": 1, "data": data, "fsdp": fsdp,
-                                         "tensor": tensor, "zero_stage": stage},
+                                         "sequence": sequence, "tensor": tensor, "zero_stage": stage},
                                    train={"micro_batch_size": mbs, "grad_accum_steps": accum, "global_batch_size": 0},
                                    model={"remat": remat})
             except ConfigError as e:
