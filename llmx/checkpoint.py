@@ -166,15 +166,17 @@ class Checkpointer:
         policies = [checkpoint_managers.LatestN(n=cfg.keep)]
         if cfg.keep_every:
             policies.append(checkpoint_managers.EveryNSteps(interval_steps=cfg.keep_every))
-        options = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=cfg.async_save,
-            preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-            create=not read_only,
-            read_only=read_only,
-            # Temporary directories of saves cut short by a crash: never readable, removed on start.
-            cleanup_tmp_directories=not read_only,
-        )
-        with _absl_errors_only():  # a read-only manager warns that it sets save_interval_steps=0
+        # A read-only manager's options warn (in CheckpointManagerOptions itself) that they set
+        # save_interval_steps=0, and the manager warns again: both inside.
+        with _absl_errors_only():
+            options = ocp.CheckpointManagerOptions(
+                enable_async_checkpointing=cfg.async_save,
+                preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+                create=not read_only,
+                read_only=read_only,
+                # Temporary directories of saves cut short by a crash: never readable, removed on start.
+                cleanup_tmp_directories=not read_only,
+            )
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._in_flight: int | None = None  # the step of the last save, until it is known to be complete
 

@@ -162,9 +162,10 @@ TOP = {
     "amp": lacks("NVIDIA Apex AMP (use fp16 or bf16)", on=_enabled),
     "torch_autocast": lacks("torch.autocast (use fp16 or bf16)", on=_enabled),
     "sparse_attention": lacks("block-sparse attention", on=_always),
-    "compression_training": lacks("compression training (quantization, pruning, layer reduction)", on=_always),
-    "weight_quantization": lacks("weight quantization", on=_always),
-    "quantize_training": lacks("MoQ quantize training", on=_enabled),
+    "compression_training": lacks(
+        "compression training (llmx has model.quantization=int8|fp8 and optim.prune_*; no layer reduction)", on=_always),
+    "weight_quantization": lacks("weight quantization (llmx: python -m llmx.quantize on the trained run)", on=_always),
+    "quantize_training": lacks("MoQ quantize training (llmx: model.quantization=int8)", on=_enabled),
     "progressive_layer_drop": lacks("progressive layer drop", on=_enabled),
     "curriculum_learning": lacks("curriculum learning", on=_enabled),
     "data_efficiency": lacks("data efficiency (curriculum, random-LTD)", on=_enabled),

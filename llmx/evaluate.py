@@ -21,10 +21,12 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from llmx import batch as batch_lib
 from llmx import data as data_lib
+from llmx import pruning
 from llmx.cli import run as run_cli
 from llmx.config import Config
 from llmx.errors import ConfigError
@@ -202,13 +204,33 @@ def main(argv: list[str] | None = None) -> int:
         return run_tasks(args)
     run, results = run_evaluation(run_dir=args.run_dir, config=args.config, overrides=args.overrides,
                                   checkpoint=args.checkpoint, single_device=args.single_device)
+    sparsity = achieved_sparsity(run)
     if args.json:
         report = {"checkpoint": str(run.checkpoint), "step": run.step, "eval_sets": {r.name: r.to_dict() for r in results}}
+        if sparsity:
+            report["sparsity"] = sparsity
         print(json.dumps(report, indent=2))
     else:
         print(f"checkpoint {run.checkpoint} (step {run.step})")
         print(format_table(results))
+        if sparsity:
+            print(format_sparsity(sparsity))
     return 0
+
+
+def achieved_sparsity(run: RestoredRun) -> dict[str, list[float]]:
+    """A pruned run's (optim.prune_method) fraction of zero weights per layer of each projection."""
+    if run.cfg.optim.prune_method == "none":
+        return {}
+    return pruning.layer_sparsity(run.params, nnx.get_partition_spec(run.steps.abstract_state.params))
+
+
+def format_sparsity(sparsity: dict[str, list[float]]) -> str:
+    lines = ["", "sparsity (fraction of zero weights) per layer"]
+    width = max(len(name) for name in sparsity)
+    for name, layers in sparsity.items():
+        lines.append(f"{name:<{width}}  " + " ".join(f"{f:.3f}" for f in layers))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

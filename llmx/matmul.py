@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from llmx import mesh as mesh_lib
+from llmx import quantization
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +113,30 @@ def _has_batch_dims(spec: str) -> bool:
     return any(c in spec_b and c in out for c in spec_a)
 
 
+def _float_einsum(spec: str, x, w):
+    """x (compute dtype) times w cast to x's dtype, fp32 accumulation (the paths in the module docstring)."""
+    if x.dtype == jnp.float32:
+        return jnp.einsum(spec, x, w.astype(jnp.float32), preferred_element_type=jnp.float32)
+    if x.dtype == jnp.bfloat16 and upcast_bf16_dots_here():
+        return _upcast_einsum(spec, x.dtype, x, w)
+    return _low_precision_einsum(spec, x.dtype, x, w)
+
+
 def einsum(spec: str, x, w):
     """x (compute dtype) times w (cast to x's dtype, e.g. an fp32 master weight) -> fp32. Every index
     of w must be in x or the output; the weight gradient comes back in w's dtype. The output is named
-    DOT or PROJECTION for the activation-checkpointing policies."""
-    if x.dtype == jnp.float32:
-        out = jnp.einsum(spec, x, w.astype(jnp.float32), preferred_element_type=jnp.float32)
-    elif x.dtype == jnp.bfloat16 and upcast_bf16_dots_here():
-        out = _upcast_einsum(spec, x.dtype, x, w)
+    DOT or PROJECTION for the activation-checkpointing policies.
+
+    Quantization (llmx.quantization) happens here and only here: a stored int8/int4/fp8 weight (a
+    QArray, from `llmx.quantize`) is read as such, and under `model.quantization` the projections
+    (einsums without batch dimensions: attention's activation x activation dots stay in the compute
+    dtype) are fake-quantised for quantization-aware training."""
+    if isinstance(w, quantization.QArray):
+        out = quantization.stored_einsum(spec, x, w, _float_einsum)
+    elif (qat := quantization.QAT_EINSUMS[quantization.current_mode()]) is not None and not _has_batch_dims(spec):
+        out = qat(spec, x, w, _float_einsum)
     else:
-        out = _low_precision_einsum(spec, x.dtype, x, w)
+        out = _float_einsum(spec, x, w)
     return checkpoint_name(out, DOT if _has_batch_dims(spec) else PROJECTION)
 
 

@@ -150,11 +150,13 @@ def constrain(x, logical_axes):
 
 
 def weight_shardings(abstract_params: nnx.State, mesh: Mesh, *, zero_stage: int, role: str):
-    """NamedShardings for one copy of the weights (params, grads or opt_state moments)."""
+    """NamedShardings for one copy of the weights (params, grads or opt_state moments). A parameter
+    whose value is several arrays (a quantized weight's values and scales) splits each by its axes."""
     rules = weight_rules(zero_stage, role)
     logical = nnx.get_partition_spec(abstract_params)  # PartitionSpecs of logical names
     return jax.tree.map(
-        lambda spec, leaf: NamedSharding(mesh, logical_to_spec(tuple(spec), leaf.shape, rules, mesh)),
+        lambda spec, value: jax.tree.map(
+            lambda leaf: NamedSharding(mesh, logical_to_spec(tuple(spec), leaf.shape, rules, mesh)), value),
         logical,
         abstract_params,
     )

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 import pallas_kernels
 
-from llmx import ds_schedules
+from llmx import ds_schedules, pruning
 from llmx.config import OptimConfig
 
 log = logging.getLogger(__name__)
@@ -129,14 +129,14 @@ def _log_fused_impl(name: str, platform: str, impl: str) -> None:
 
 
 def build(
-    cfg: OptimConfig, total_steps: int, *, mesh: Mesh | None = None, state_specs=None
+    cfg: OptimConfig, total_steps: int, *, mesh: Mesh | None = None, state_specs=None, param_axes=None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer and its learning-rate schedule (the schedule is also logged as `lr`).
 
     `mesh` (the mesh the step is compiled for) and `state_specs` (one PartitionSpec per parameter: how
     its optimizer state is split) are needed by `optim.impl=pallas`: the mesh's platform, never the
     host's default backend, decides between the kernels and their reference (`fused_impl`). optax
-    ignores both.
+    ignores both. `param_axes` (the parameters' logical axes) tells `optim.prune_method` what to prune.
     """
     lr = schedule(cfg, total_steps)
     impl, kwargs = cfg.impl, {}
@@ -148,4 +148,10 @@ def build(
         kwargs = {"mesh": mesh, "param_specs": state_specs} | ({"interpret": False} if impl == "pallas" else {})
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     parts.append(OPTIMIZERS[cfg.name, impl](cfg, lr, **kwargs))
+    if cfg.prune_method != "none":  # last: it zeroes pruned weights through their update
+        if param_axes is None:
+            raise ValueError("optim.prune_method needs the parameters' logical axes: pass param_axes=")
+        parts.append(pruning.prune(pruning.Schedule(
+            method=cfg.prune_method, sparsity=cfg.prune_sparsity, begin_step=cfg.prune_begin_step,
+            end_step=cfg.prune_end_step, every=cfg.prune_every, n=cfg.prune_n, m=cfg.prune_m), param_axes))
     return optax.chain(*parts), lr

@@ -34,6 +34,7 @@ from llmx.errors import ConfigError
 from llmx.models.layers import stack_runner
 from llmx.loss_scaling import LossScaler, loss_scaler
 from llmx.models import lora
+from llmx.quantization import stored_builder
 
 
 @flax.struct.dataclass
@@ -165,7 +166,8 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
     """The optimizer, the state's shardings and the jitted step functions for `cfg` on `mesh`."""
     sequence = sequence_lib.resolve(cfg, mesh)  # checked before anything is built
     family = models.get(cfg.model.family)
-    build = family.build
+    # model.weight_format: matmul weights stored quantized (a run written by llmx.quantize)
+    build = stored_builder(family.build, cfg.model.weight_format, cfg.model.weight_group)
     schedule = pipeline_lib.schedule(cfg, mesh)
     if schedule is not None and not family.pipelines:
         raise ConfigError(
@@ -181,7 +183,8 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
     grad_sh = partition.split(mesh_lib.weight_shardings(abstract_params, mesh, zero_stage=stage, role="grads"))[0]
     moment_sh = partition.split(mesh_lib.weight_shardings(abstract_params, mesh, zero_stage=stage, role="opt_state"))[0]
     tx, lr_schedule = optim.build(
-        cfg.optim, cfg.train.steps, mesh=mesh, state_specs=jax.tree.map(lambda s: s.spec, moment_sh)
+        cfg.optim, cfg.train.steps, mesh=mesh, state_specs=jax.tree.map(lambda s: s.spec, moment_sh),
+        param_axes=partition.split(nnx.get_partition_spec(abstract_params))[0],  # pruning: the trainable ones
     )
 
     def init() -> TrainState:

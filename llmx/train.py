@@ -127,6 +127,9 @@ def make_run_dir(path: str) -> Path:
 def train(cfg: Config, *, devices=None) -> RunSummary:
     """Trains as configured; returns what the run did (losses, eval losses, the sample, ...)."""
     t_start = time.perf_counter()
+    if cfg.model.weight_format != "float":
+        raise ConfigError(f"model.weight_format={cfg.model.weight_format}: quantized weights are for llmx.evaluate and "
+                          "llmx.generate; train the float run they came from (model.quantization trains quantization-aware)")
     enable_compilation_cache(cfg.train.compilation_cache_dir)
     # Inputs that can be checked quickly are, before anything is created or prepared.
     refuse_uris(cfg)

@@ -72,6 +72,23 @@ class ModelConfig:
         "wq,wk,wv,wo", help="comma-separated projections that get adapters: wq, wk, wv, wo, w_gate, w_up, w_down, or 'all'"
     )
 
+    quantization: str = _field(
+        "none",
+        choices=("none", "int8", "fp8"),
+        help="quantization-aware training of the projections: int8 (weights and activations fake-quantised, "
+        "straight-through gradients) or fp8 (e4m3 forward, e5m2 gradients, current scaling); master "
+        "weights stay param_dtype",
+    )
+    weight_format: str = _field(
+        "float",
+        choices=("float", "int8", "int4", "fp8"),
+        help="how matmul weights are stored: float (param_dtype) or quantized by llmx.quantize "
+        "(a scale per output channel; not trainable)",
+    )
+    weight_group: int = _field(
+        0, min=0, help="quantized weights: weights per scale along the contracted axis (0: per output channel)"
+    )
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
@@ -192,6 +209,26 @@ class OptimConfig:
     eps: float = _field(1e-8, min=0.0, help="Adam/LAMB epsilon")
     momentum: float = _field(0.9, min=0.0, max=1.0, help="SGD momentum")
     nesterov: bool = _field(False, help="SGD Nesterov momentum")
+    prune_method: str = _field(
+        "none", choices=("none", "magnitude", "n_m"),
+        help="prune the layers' projections: gradual magnitude pruning (cubic schedule) or N:M structured "
+        "(2:4); masks live in the optimizer state",
+    )
+    prune_sparsity: float = _field(0.5, min=0.0, max=0.99, help="magnitude: the final fraction of zeros per layer")
+    prune_begin_step: int = _field(0, min=0, help="pruning starts (sparsity 0) at this step")
+    prune_end_step: int = _field(0, min=0, help="magnitude reaches prune_sparsity here; N:M masks freeze here")
+    prune_every: int = _field(10, min=1, help="steps between mask updates from begin to end")
+    prune_n: int = _field(2, min=1, help="n_m: weights kept of every prune_m along the contracted axis")
+    prune_m: int = _field(4, min=2, help="n_m: group size along the contracted axis")
+
+    def validate(self) -> None:
+        if self.prune_method != "none" and self.prune_end_step < self.prune_begin_step:
+            raise ConfigError(
+                f"optim.prune_end_step={self.prune_end_step} is before optim.prune_begin_step="
+                f"{self.prune_begin_step}; set optim.prune_end_step >= optim.prune_begin_step"
+            )
+        if self.prune_method == "n_m" and self.prune_n >= self.prune_m:
+            raise ConfigError(f"optim.prune_n={self.prune_n} must be less than optim.prune_m={self.prune_m}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,6 +383,7 @@ class Config:
 
     def validate(self) -> None:
         self.model.validate()
+        self.optim.validate()
         self.mesh.validate()
         d = self.data
         if d.folds and d.fold >= d.folds:

@@ -21,6 +21,8 @@ from llmx.mesh import constrain
 from llmx.models.family import Family, HFMapping, HFTensors
 from llmx.models.layers import MLP, Attention, KVCache, RMSNorm, compute_dtype, normal_param, run_layers, run_stack
 from llmx.matmul import einsum
+from llmx.quantization import mode as quantization_mode
+from llmx.quantization import take_rows
 
 
 class Block(nnx.Module):
@@ -77,15 +79,17 @@ class Llama(nnx.Module):
             x, segments, pos = carry  # (B, T, D), (B, T), (B, T): a pipeline stage sees its micro-batch's rows
             return (block(x, segments, pos), segments, pos), None
 
-        x, _, _ = run_stack(
-            self.blocks, layer, (self._embed(tokens), segment_ids, positions), scan=cfg.scan_layers, remat=cfg.remat
-        )
-        return self._logits(x)
+        with quantization_mode(cfg.quantization):  # model.quantization: fake-quantised projections
+            x, _, _ = run_stack(
+                self.blocks, layer, (self._embed(tokens), segment_ids, positions), scan=cfg.scan_layers,
+                remat=cfg.remat,
+            )
+            return self._logits(x)
 
     def _embed(self, tokens):
         # Gather the whole table for the lookup (what ZeRO-3 does for every weight before use); a
         # lookup into a vocab- and embed-split table would make the partitioner replicate it anyway.
-        x = jnp.take(constrain(self.embed[...], (None, None)), tokens, axis=0).astype(compute_dtype(self.cfg))  # (B, T, D)
+        x = take_rows(constrain(self.embed[...], (None, None)), tokens).astype(compute_dtype(self.cfg))  # (B, T, D)
         return constrain(x, ("batch", "seq", "embed"))
 
     def _logits(self, x):
@@ -114,10 +118,12 @@ class Llama(nnx.Module):
             )
             return x, (k_cache, v_cache)
 
-        x, (k, v) = run_layers(self.blocks, layer, self._embed(tokens), (cache.k, cache.v), scan=self.cfg.scan_layers)
+        with quantization_mode(self.cfg.quantization):
+            x, (k, v) = run_layers(self.blocks, layer, self._embed(tokens), (cache.k, cache.v), scan=self.cfg.scan_layers)
+            logits = self._logits(x)
         cache_axes = ("layers", "batch", "seq", "kv_heads", "head_dim")  # k, v: (L, B, S, K, Dh)
         cache = KVCache(k=constrain(k, cache_axes), v=constrain(v, cache_axes), segment_ids=kv_segments)
-        return self._logits(x), cache
+        return logits, cache
 
 
 # --- FLOPs (PaLM §B, as MaxText counts them) ---
