@@ -201,7 +201,7 @@ def test_mapping_of_mesh_precision_optimizer_and_checkpointing():
     assert mesh_shape(tp.mesh, 8) == {"pipeline": 1, "data": 1, "fsdp": 4, "sequence": 1, "tensor": 2}
     ulysses = translated({"zero_optimization": {"stage": 3}, "sequence_parallel_size": 4, "train_batch_size": 4},
                          "model.seq_len=64")
-    assert mesh_shape(ulysses.mesh, 8) == {"data": 1, "fsdp": 2, "sequence": 4, "tensor": 1}
+    assert mesh_shape(ulysses.mesh, 8) == {"pipeline": 1, "data": 1, "fsdp": 2, "sequence": 4, "tensor": 1}
     assert (ulysses.mesh.sequence_strategy, ulysses.train.micro_batch_size) == ("ulysses", 2)  # 2 data-parallel ranks
     assert translated({"zero_optimization": {"stage": 2, "cpu_offload": True}}).mesh.offload_optimizer
     static = translated({"fp16": {"enabled": True, "loss_scale": 128, "initial_scale_power": 12,
