@@ -529,21 +529,27 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def read_yaml(path: str | Path | None) -> dict[str, Any]:
+    """A config file's sections ({} for no file); a missing or malformed file is one ConfigError line."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return raw
+
+
 def load(path: str | Path | None = None, overrides: list[str] = (), *, base: dict[str, dict] | None = None) -> Config:
     """The config from a YAML file (or the defaults) with `section.key=value` overrides applied.
 
     `base` ({section: {key: value}}, e.g. a translated ds_config) goes between the file and the overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    raw = read_yaml(path)
     for section, values in (base or {}).items():
         raw[section] = {**(raw.get(section) or {}), **values}
     for text in overrides:

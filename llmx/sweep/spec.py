@@ -252,17 +252,8 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[tuple[str, An
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> tuple[Config, SweepSpec, str]:
     """(base config, sweep spec, sweep name) from a sweep file and overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    raw = config_lib.read_yaml(path)
+    path = Path(path) if path is not None else None
     sweep_raw = raw.pop("sweep", None) or {}
     run_overrides, sweep_overrides = split_overrides(list(overrides))
     for text in run_overrides:
