@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
-from llmx import distributed
+from llmx import distributed, storage
 from llmx import mesh as mesh_lib
 from llmx.config import CheckpointConfig
 from llmx.data.pipeline import state_from_json, state_to_json
@@ -161,8 +161,8 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig, *, read_only: bool = False):
         _single_host_array_writes()
-        self.shown = Path(directory)  # as configured, for messages
-        self.directory = self.shown.absolute()
+        self.shown = storage.path(directory)  # as configured, for messages
+        self.directory = storage.absolute(self.shown)
         policies = [checkpoint_managers.LatestN(n=cfg.keep)]
         if cfg.keep_every:
             policies.append(checkpoint_managers.EveryNSteps(interval_steps=cfg.keep_every))
@@ -293,7 +293,7 @@ class Checkpointer:
                 n += 1
                 target = target.with_name(f"{step}.{n}")
             (self.directory / str(step)).rename(target)
-        target = Path(distributed.gather_json(str(target))[0])  # process 0's name; a barrier too
+        target = storage.path(distributed.gather_json(str(target))[0])  # process 0's name; a barrier too
         self._manager.reload()
         return target
 
@@ -309,7 +309,7 @@ def resolve(path: str | Path, *, given_as: str) -> tuple[Path, int]:
     """(checkpoint directory, step) of a step directory, a directory of steps (its newest complete
     one) or a run directory (its `checkpoints/`). `given_as` names where the path came from
     ('checkpoint.restore_from', '--checkpoint', '--run-dir') for the messages."""
-    path = Path(path)
+    path = storage.path(path)
     if path.name.isdigit() and (path / "state").is_dir():
         return path.parent, int(path.name)
     if (path / "checkpoints").is_dir():
@@ -317,7 +317,7 @@ def resolve(path: str | Path, *, given_as: str) -> tuple[Path, int]:
     if not path.is_dir():
         raise CheckpointError(f"{given_as} {path}: no such checkpoint, checkpoints directory or run directory")
     with _absl_errors_only():
-        manager = ocp.CheckpointManager(path.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
+        manager = ocp.CheckpointManager(storage.absolute(path), options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step()
     if step is None:
         raise CheckpointError(f"{given_as} {path}: holds no complete checkpoint; train first")

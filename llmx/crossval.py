@@ -20,6 +20,7 @@ import math
 from pathlib import Path
 
 from llmx import config as config_lib
+from llmx import storage
 from llmx.cli import run as run_cli
 from llmx.config import Config
 from llmx.errors import ConfigError
@@ -32,7 +33,7 @@ def fold_configs(cfg: Config, folds: int) -> list[Config]:
     """One config per fold: data.folds=K, data.fold=i, its own run directory under train.run_dir."""
     if folds < 2:
         raise ConfigError(f"--folds {folds}: cross-validation needs at least 2 folds")
-    base = Path(cfg.train.run_dir)
+    base = storage.path(cfg.train.run_dir)
     return [
         cfg.replace(data={"folds": folds, "fold": i}, train={"run_dir": str(base / f"fold_{i}")})
         for i in range(folds)
@@ -41,7 +42,7 @@ def fold_configs(cfg: Config, folds: int) -> list[Config]:
 
 def final_metrics(run_dir: Path) -> dict[str, float]:
     """The last value of every eval and task metric of a run's metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = storage.path(run_dir) / "metrics.jsonl"
     last: dict[str, float] = {}
     for line in path.read_text().splitlines():
         record = json.loads(line)
@@ -64,7 +65,7 @@ def summarize(per_fold: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 
 
 def _finished(cfg: Config) -> bool:
-    path = Path(cfg.train.run_dir) / "metrics.jsonl"
+    path = storage.path(cfg.train.run_dir) / "metrics.jsonl"
     if not path.is_file():
         return False
     steps = [json.loads(line).get("step", -1) for line in path.read_text().splitlines()]
@@ -79,9 +80,9 @@ def crossval(cfg: Config, folds: int) -> dict:
         else:
             log.info("fold %d of %d: training into %s", fold_cfg.data.fold, folds, fold_cfg.train.run_dir)
             train(fold_cfg)
-        per_fold.append(final_metrics(Path(fold_cfg.train.run_dir)))
+        per_fold.append(final_metrics(storage.path(fold_cfg.train.run_dir)))
     summary = {"folds": folds, "per_fold": per_fold, "summary": summarize(per_fold)}
-    out = Path(cfg.train.run_dir) / "crossval.json"
+    out = storage.path(cfg.train.run_dir) / "crossval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
     return summary

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import math
-from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
@@ -26,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from llmx import batch as batch_lib
 from llmx import data as data_lib
-from llmx import pruning
+from llmx import pruning, storage
 from llmx.cli import run as run_cli
 from llmx.config import Config
 from llmx.errors import ConfigError
@@ -131,7 +130,7 @@ def format_table(results: Sequence[EvalResult]) -> str:
 def run_evaluation(**restore_kwargs) -> tuple[RestoredRun, list[EvalResult]]:
     """Restores a run (see `restore_run`) and evaluates it on every eval set."""
     run = restore_run(**restore_kwargs)
-    data = data_lib.prepare_data(run.cfg, run_dir=Path(run.cfg.train.run_dir))
+    data = data_lib.prepare_data(run.cfg, run_dir=storage.path(run.cfg.train.run_dir))
     eval_sets = build_eval_sets(run.cfg, run.steps, data)
     return run, evaluate_sets(run.steps.evaluate, run.params, eval_sets)
 

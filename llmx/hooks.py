@@ -180,6 +180,7 @@ class Checkpoint(Hook):
 
     def save(self, loop: LoopState, step: int) -> None:
         self.metrics.flush(loop, step)
+        loop.writer.flush()  # a bucket's metrics.jsonl is rewritten, not appended: as far as this checkpoint
         data_state = distributed.global_data_state(loop.train_iter.get_state())
         state = saved_state(loop.state, loop.steps, loop.cfg.checkpoint)  # the adapters alone, when asked
         self.ckpt.save(step, state, data_state=data_state, config_yaml=loop.cfg.to_yaml())

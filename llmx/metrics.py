@@ -6,14 +6,19 @@ periodic log lines). Only process 0 writes."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import jax
 from tensorboardX import SummaryWriter
+from tensorboardX import record_writer
 from tqdm.auto import tqdm
+
+from llmx import storage
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +26,63 @@ log = logging.getLogger(__name__)
 def _plain(value):
     value = float(value) if not isinstance(value, (int, str)) else value
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class RemoteLines:
+    """A text file on an object store, which cannot append: the lines are kept (those of the run being
+    resumed first) and the whole object is rewritten at most every `storage.FLUSH_SECONDS`, at each
+    `flush` (every checkpoint) and at `close`."""
+
+    def __init__(self, path):
+        self.path = path
+        self._text = path.read_text() if path.exists() else ""
+        self._written = time.monotonic()
+
+    def write(self, text: str) -> None:
+        self._text += text
+        if time.monotonic() - self._written >= storage.FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        self.path.write_text(self._text)
+        self._written = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+
+
+class BucketEventFile:
+    """A TensorBoard event file in a bucket, written through gcsfs like the rest of the run (rewritten
+    whole at each of tensorboardX's flushes, as objects cannot be appended to). It replaces
+    tensorboardX's own gs:// writer, whose `__del__` uploads once more whenever it is collected, at
+    exit too, retrying for two minutes when the bucket is unreachable."""
+
+    def __init__(self, path: str):
+        self.path = storage.path(path)
+        self._buffer = io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self._buffer.write(data)
+
+    def flush(self) -> None:
+        self.path.write_bytes(self._buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _BucketEventFiles:
+    """tensorboardX's writer factory interface for a URI scheme."""
+
+    def open(self, path: str) -> BucketEventFile:
+        return BucketEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        pass  # an object store has no directories to create
+
+
+for _scheme in storage.SCHEMES:
+    record_writer.register_writer_factory(_scheme, _BucketEventFiles())
 
 
 class MetricsWriter:
@@ -36,8 +98,9 @@ class MetricsWriter:
         self._csv_dir = Path(csv_dir) if csv_dir else None
         if not self.enabled:
             return
-        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        self._tb = SummaryWriter(str(Path(tensorboard_dir) if tensorboard_dir else run_dir / "tensorboard"))
+        path = run_dir / "metrics.jsonl"
+        self._file = RemoteLines(path) if storage.is_remote(path) else open(path, "a", buffering=1)
+        self._tb = SummaryWriter(str(tensorboard_dir or run_dir / "tensorboard"))
         if self._csv_dir is not None:
             self._csv_dir.mkdir(parents=True, exist_ok=True)
         if progress:
@@ -64,6 +127,11 @@ class MetricsWriter:
             if new:
                 writer.writerow(["step", name.split("/")[-1]])
             writer.writerow([step, value])
+
+    def flush(self) -> None:
+        """Everything written so far is in metrics.jsonl (a bucket's object is rewritten; local lines are already there)."""
+        if self._file is not None:
+            self._file.flush()
 
     def progress(self, step: int, **postfix) -> None:
         if self._bar is not None:

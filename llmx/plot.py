@@ -4,8 +4,11 @@ several runs overlaid with a legend. Used by `scripts/plot_metrics.py` and by th
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
+
+from llmx import storage
 
 PANELS = (
     ("loss", "loss", ("loss", "eval_loss")),
@@ -18,7 +21,7 @@ PANELS = (
 def read_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     """{metric: (steps, values)} from a run's metrics.jsonl; later lines for a step win (resumes)."""
     by_metric: dict[str, dict[int, float]] = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+    for line in (storage.path(run_dir) / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
@@ -30,14 +33,14 @@ def plot_runs(run_dirs: list[Path | str], out: Path | str) -> dict[str, dict[str
     """Writes the PNG to `out`; returns what was drawn, {panel title: {line label: (steps, values)}}."""
     import matplotlib
 
-    out = Path(out)
+    out = storage.path(out)
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    names = [Path(r).name for r in run_dirs]
+    names = [storage.path(r).name for r in run_dirs]
     if len(set(names)) < len(names):  # runs named alike (".../a/run", ".../b/run"): label by full path
         names = [str(r) for r in run_dirs]
-    series = {name: read_series(Path(r)) for name, r in zip(names, run_dirs)}
+    series = {name: read_series(r) for name, r in zip(names, run_dirs)}
     panels = [p for p in PANELS if any(m in s for s in series.values() for m in p[2])]
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)
     drawn: dict[str, dict[str, tuple[list, list]]] = {}
@@ -56,6 +59,8 @@ def plot_runs(run_dirs: list[Path | str], out: Path | str) -> dict[str, dict[str
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
+    out.write_bytes(image.getvalue())  # a local file or a bucket's object alike
     plt.close(fig)
     return drawn

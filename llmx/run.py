@@ -12,7 +12,7 @@ from typing import Sequence
 
 import jax
 
-from llmx import axes
+from llmx import axes, storage
 from llmx import config as config_lib
 from llmx import data as data_lib
 from llmx import mesh as mesh_lib
@@ -35,7 +35,8 @@ class RestoredRun:
 def load_config(*, run_dir: str | None, config: str | None, overrides: Sequence[str]) -> Config:
     """The config of `run_dir` (its config.yaml, with run_dir pointing at it) or of a YAML file."""
     if run_dir:
-        path = Path(run_dir) / "config.yaml"
+        storage.check("--run-dir", run_dir)
+        path = storage.path(run_dir) / "config.yaml"
         if not path.is_file():
             raise ConfigError(f"{run_dir} is not a run directory: it has no config.yaml")
         return config_lib.load(path, [f"train.run_dir={run_dir}", *overrides])
@@ -61,5 +62,5 @@ def restore_run(
     finally:
         source.close()
     # The run's own tokenizer.json (BPE) wins over any cached or retrained one.
-    tokenizer = data_lib.build_tokenizer(cfg.data, vocab_size=cfg.model.vocab_size, run_dir=Path(cfg.train.run_dir))
+    tokenizer = data_lib.build_tokenizer(cfg.data, vocab_size=cfg.model.vocab_size, run_dir=storage.path(cfg.train.run_dir))
     return RestoredRun(cfg, steps, params, step, source.step_dir(step), tokenizer)

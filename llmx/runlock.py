@@ -17,6 +17,15 @@ time (kill -9, a crash, a reboot: taken over at once); from another host, when i
 than `STALE_SECONDS`. A stale lock is taken over by renaming it away (one of several racing trainers
 wins the rename) and creating a new one. In a multi-process job only process 0 holds the lock; the
 others learn from it whether the run goes on.
+
+On an object store (`train.run_dir=gs://...`) there are no hard links or atomic renames. There the lock
+object is created with a conditional write (fsspec's `mode="create"`: GCS `ifGenerationMatch=0`, S3
+`If-None-Match`), which fails when it exists, and the heartbeat overwrites it whole (an object is
+replaced atomically: a reader sees the old holder or the new one). A stale lock is taken over by
+deleting it (after reading it again) and creating a new one; the delete is not conditional, so two
+trainers racing to take over one stale lock can both believe they won, for up to one heartbeat: the
+loser's next heartbeat reads the winner's token, and the loser stops at the next step boundary
+(`hooks.KeepRunLock`), as it does whenever another trainer takes its lock.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from typing import Iterator
 
 import jax
 
-from llmx import distributed
+from llmx import distributed, storage
 from llmx.errors import ResourceError
 
 log = logging.getLogger(__name__)
@@ -104,16 +113,24 @@ class Holder:
                 "ago)")
 
 
-def _read(path: Path) -> Holder | None:
-    """The holder named in a lock file; None when there is none (or it vanished meanwhile)."""
-    try:
-        return Holder(**json.loads(path.read_text()))
-    except FileNotFoundError:
+def _parse(path, text: str | None) -> Holder | None:
+    """The holder named in a lock file's text; None when there is no file."""
+    if text is None:
         return None
+    try:
+        return Holder(**json.loads(text))
     except (ValueError, TypeError) as e:
         raise ResourceError(
             f"{path} is not a trainer lock ({e}); delete it if no trainer uses this run directory"
         ) from None
+
+
+def _read(path: Path) -> Holder | None:
+    """The holder named in a lock file; None when there is none (or it vanished meanwhile)."""
+    try:
+        return _parse(path, path.read_text())
+    except FileNotFoundError:
+        return None
 
 
 def _write_temporary(path: Path, holder: Holder) -> Path:
@@ -122,18 +139,17 @@ def _write_temporary(path: Path, holder: Holder) -> Path:
     return tmp
 
 
-class RunLock:
-    """The lock of one run directory, held by this process between `acquire` and `release`."""
+class LocalLockFile:
+    """The lock file on a POSIX filesystem (local, NFS, Lustre): created by `link`, replaced by `rename`."""
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK_FILE
-        self.holder = Holder.me()
-        self.lost_to: Holder | None = None  # set by the heartbeat if another trainer took the lock over
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+    def __init__(self, path: Path):
+        self.path = path
 
-    def _try_create(self) -> bool:
-        tmp = _write_temporary(self.path, self.holder)
+    def read(self) -> Holder | None:
+        return _read(self.path)
+
+    def create(self, holder: Holder) -> bool:
+        tmp = _write_temporary(self.path, holder)
         try:
             os.link(tmp, self.path)  # atomic, and fails if the lock exists (on NFS too)
             return True
@@ -142,28 +158,87 @@ class RunLock:
         finally:
             tmp.unlink()
 
-    def _take_over(self, stale: Holder) -> None:
+    def take_over(self, stale: Holder, holder: Holder) -> bool:
         """Renames a stale lock away (only one racing trainer succeeds) and deletes it; if what was
         renamed is not the stale lock that was read (another trainer took it over first), puts it back."""
-        moved = self.path.with_name(f"{self.path.name}.stale.{self.holder.token}")
+        moved = self.path.with_name(f"{self.path.name}.stale.{holder.token}")
         try:
             self.path.rename(moved)
         except FileNotFoundError:
-            return
-        if (_read(moved) or stale).token != stale.token:
+            return False
+        taken = (_read(moved) or stale).token == stale.token
+        if not taken:
             with contextlib.suppress(FileExistsError):
                 os.link(moved, self.path)
-        else:
-            log.info("took over the lock of %s from %s, which is gone", self.path.parent, stale.describe())
         moved.unlink()
+        return taken
+
+    def replace(self, holder: Holder) -> None:
+        _write_temporary(self.path, holder).replace(self.path)
+
+    def delete(self) -> None:
+        self.path.unlink()
+
+
+class ObjectLockFile:
+    """The lock object in a bucket (module docstring: conditional create, whole-object overwrite)."""
+
+    def __init__(self, path):
+        import fsspec  # with the scheme's filesystem (gcsfs), checked by llmx.storage.check
+
+        self.path = path
+        self._fs, self._key = fsspec.core.url_to_fs(str(path))
+
+    def read(self) -> Holder | None:
+        try:
+            return _parse(self.path, self._fs.cat_file(self._key).decode())
+        except FileNotFoundError:
+            return None
+
+    def create(self, holder: Holder) -> bool:
+        try:
+            self._fs.pipe_file(self._key, json.dumps(dataclasses.asdict(holder)).encode(), mode="create")
+            return True
+        except FileExistsError:
+            return False
+
+    def take_over(self, stale: Holder, holder: Holder) -> bool:
+        current = self.read()
+        if current is None or current.token != stale.token:
+            return False  # released, or taken over by another trainer meanwhile
+        with contextlib.suppress(FileNotFoundError):
+            self._fs.rm_file(self._key)
+        return True
+
+    def replace(self, holder: Holder) -> None:
+        self._fs.pipe_file(self._key, json.dumps(dataclasses.asdict(holder)).encode())
+
+    def delete(self) -> None:
+        self._fs.rm_file(self._key)
+
+
+class RunLock:
+    """The lock of one run directory, held by this process between `acquire` and `release`."""
+
+    def __init__(self, run_dir: Path):
+        self.path = storage.path(run_dir) / LOCK_FILE
+        self.file = ObjectLockFile(self.path) if storage.is_remote(self.path) else LocalLockFile(self.path)
+        self.holder = Holder.me()
+        self.lost_to: Holder | None = None  # set by the heartbeat if another trainer took the lock over
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _take_over(self, stale: Holder) -> None:
+        if self.file.take_over(stale, self.holder):
+            log.info("took over the lock of %s from %s, which is gone", self.path.parent, stale.describe())
 
     def acquire(self, *, wait_seconds: float = 0.0) -> None:
         """Takes the lock, waiting up to `wait_seconds` for a live holder to finish; a ResourceError
         naming the holder when it does not."""
         deadline = time.monotonic() + wait_seconds
         announced = False
-        while not self._try_create():
-            holder = _read(self.path)
+        while not self.file.create(self.holder):
+            holder = self.file.read()
             if holder is None:
                 continue  # released meanwhile
             if not holder.alive():
@@ -185,7 +260,7 @@ class RunLock:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
-                current = _read(self.path)
+                current = self.file.read()
             except ResourceError:  # caught mid-write by a writer that does not rename: read it at the next beat
                 continue
             if current is None or current.token != self.holder.token:
@@ -193,9 +268,8 @@ class RunLock:
                 log.warning("lost the lock of %s to %s", self.path.parent,
                             current.describe() if current else "nobody (the lock file was deleted)")
                 return
-            beat = dataclasses.replace(self.holder, heartbeat=time.time())
             try:
-                _write_temporary(self.path, beat).replace(self.path)
+                self.file.replace(dataclasses.replace(self.holder, heartbeat=time.time()))
             except OSError as e:  # a full disk or a vanished directory: try again at the next beat
                 log.warning("could not refresh the lock %s: %s", self.path, e)
 
@@ -205,9 +279,9 @@ class RunLock:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-            current = _read(self.path)
+            current = self.file.read()
             if current is not None and current.token == self.holder.token:
-                self.path.unlink()
+                self.file.delete()
 
 
 @contextlib.contextmanager

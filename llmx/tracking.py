@@ -12,6 +12,7 @@ import importlib
 import secrets
 from pathlib import Path
 
+from llmx import storage
 from llmx.config import Config
 from llmx.errors import ConfigError
 
@@ -31,11 +32,13 @@ class WandbRun:
     def __init__(self, cfg: Config, run_dir: Path):
         wandb = _import_wandb()
         t = cfg.train
-        id_file = Path(run_dir) / RUN_ID_FILE
+        id_file = storage.path(run_dir) / RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         self.run = wandb.init(
             project=t.wandb_project, entity=t.wandb_entity or None, name=t.wandb_run_name or None,
-            tags=[tag.strip() for tag in t.wandb_tags.split(",") if tag.strip()] or None, id=run_id, resume="allow", dir=str(run_dir), config=cfg.to_dict(),
+            tags=[tag.strip() for tag in t.wandb_tags.split(",") if tag.strip()] or None, id=run_id, resume="allow",
+            dir=None if storage.is_remote(run_dir) else str(run_dir),  # W&B's own files are local: ./wandb for a bucket
+            config=cfg.to_dict(),
         )
         id_file.write_text(run_id + "\n")
 

@@ -21,7 +21,7 @@ import jax
 from llmx import batch as batch_lib
 from llmx import config as config_lib
 from llmx import data as data_lib
-from llmx import deepspeed, distributed, fit, hooks, runlock
+from llmx import deepspeed, distributed, fit, hooks, runlock, storage
 from llmx import mesh as mesh_lib
 from llmx import pipeline as pipeline_lib
 from llmx.checkpoint import Checkpointer, check_restore_from, initial_state
@@ -99,22 +99,25 @@ def global_batches(train_iter, steps: Steps, *, accum: int) -> Iterator[dict]:
         yield batch_lib.to_global(local, steps.batch_shardings, (accum,), token_order=steps.token_order)
 
 
-# Paths that pathlib would turn into local directories named "gs:" and the like.
-LOCAL_PATH_KEYS = (("train", "run_dir"), ("checkpoint", "restore_from"), ("train", "tensorboard_dir"),
-                   ("train", "csv_dir"), ("data", "cache_dir"))
+# Paths that may be bucket URIs (llmx.storage), and those that are still local paths only.
+URI_KEYS = (("train", "run_dir"), ("checkpoint", "restore_from"), ("train", "tensorboard_dir"))
+LOCAL_PATH_KEYS = (("train", "csv_dir"), ("data", "cache_dir"))
 
 
-def refuse_uris(cfg: Config) -> None:
-    """A bucket URI where llmx still takes a local path is an error, not a local `./gs:/bucket` directory."""
-    for section, key in LOCAL_PATH_KEYS:
-        value = getattr(getattr(cfg, section), key)
-        if "://" in value:
-            raise ConfigError(f"{section}.{key}={value}: URIs (gs://, s3://, ...) are not supported here yet; "
-                              "use a local path or a mounted bucket (gcsfuse, s3fs)")
+def check_paths(cfg: Config) -> None:
+    """A bucket URI is checked (its scheme, its filesystem package) where llmx takes one, and refused
+    where it still takes a local path: never a local `./gs:/bucket` directory."""
+    for keys, remote_ok in ((URI_KEYS, True), (LOCAL_PATH_KEYS, False)):
+        for section, key in keys:
+            storage.check(f"{section}.{key}", getattr(getattr(cfg, section), key), remote_ok=remote_ok)
+    if cfg.train.profile_steps and storage.is_remote(cfg.train.run_dir):
+        raise ConfigError(f"train.profile_steps writes a local trace directory, and train.run_dir={cfg.train.run_dir} "
+                          "is a bucket; profile in a run with a local train.run_dir")
 
 
-def make_run_dir(path: str) -> Path:
-    run_dir = Path(path)
+def make_run_dir(path: str):
+    """The run directory, created; a local `pathlib.Path` or a bucket's `epath.Path` (llmx.storage)."""
+    run_dir = storage.path(path)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"train.run_dir={path} is a file, not a directory; point train.run_dir at a directory")
     try:
@@ -132,9 +135,9 @@ def train(cfg: Config, *, devices=None) -> RunSummary:
                           "llmx.generate; train the float run they came from (model.quantization trains quantization-aware)")
     enable_compilation_cache(cfg.train.compilation_cache_dir)
     # Inputs that can be checked quickly are, before anything is created or prepared.
-    refuse_uris(cfg)
+    check_paths(cfg)
     data_lib.check_sources(cfg)
-    check_restore_from(cfg.checkpoint, Path(cfg.train.run_dir) / "checkpoints")
+    check_restore_from(cfg.checkpoint, storage.path(cfg.train.run_dir) / "checkpoints")
     run_dir = make_run_dir(cfg.train.run_dir)
     # Whatever is opened is closed in reverse on every path, so an error's one line is the last output.
     with contextlib.ExitStack() as opened:

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from llmx import axes
+from llmx import axes, storage
 from llmx.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -275,7 +275,8 @@ class MeshConfig:
 class TrainConfig:
     steps: int = _field(500, min=0, help="optimizer steps to train for (total, across resumes)")
     seed: int = _field(0, min=0, help="seeds init, data order and sampling")
-    run_dir: str = _field("runs/tiny", help="checkpoints, metrics.jsonl, TensorBoard events, config.yaml")
+    run_dir: str = _field("runs/tiny", help="checkpoints, metrics.jsonl, TensorBoard events, config.yaml; a local "
+                          "directory or gs://bucket/path (the gcs extra; see Cloud storage)")
     micro_batch_size: int = _field(8, min=1, help="sequences per data-parallel replica per micro-step")
     grad_accum_steps: int = _field(1, min=1, help="micro-batches accumulated into one optimizer step")
     global_batch_size: int = _field(
@@ -308,7 +309,7 @@ class TrainConfig:
         choices=tuple(PRECISION_DTYPES),
         help="fp32 master weights with fp32, bf16 or fp16 compute (fp16: dynamic loss scaling)",
     )
-    tensorboard_dir: str = _field("", help="TensorBoard event files ('': run_dir/tensorboard)")
+    tensorboard_dir: str = _field("", help="TensorBoard event files ('': run_dir/tensorboard); local or gs://")
     csv_dir: str = _field("", help="also write one step,value CSV file per metric here (DeepSpeed's csv_monitor; '': off)")
     loss_scale: float = _field(0.0, min=0.0, help="fp16: a static loss scale (0: dynamic scaling)")
     initial_scale_power: int = _field(16, min=0, max=64, help="fp16 dynamic scaling starts at 2**this")
@@ -343,7 +344,7 @@ class CheckpointConfig:
     restore_from: str = _field(
         "",
         help="start a run that has no checkpoint of its own from this one: a step directory, a checkpoints "
-        "directory (its newest step) or a run directory",
+        "directory (its newest step) or a run directory; local or gs://",
     )
     restore_mode: str = _field(
         "full",
@@ -533,7 +534,7 @@ def read_yaml(path: str | Path | None) -> dict[str, Any]:
     """A config file's sections ({} for no file); a missing or malformed file is one ConfigError line."""
     if path is None:
         return {}
-    path = Path(path)
+    path = storage.path(path)  # a run's config.yaml may be in a bucket
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:

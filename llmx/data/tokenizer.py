@@ -19,6 +19,7 @@ from typing import Iterable
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from llmx import storage
 from llmx.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -111,12 +112,20 @@ def check_tokenizer(data_cfg) -> None:
 
 def _load(path: Path, data_cfg) -> HFTokenizer:
     _existing(path)
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
+    try:  # a run's copy may be in a bucket (llmx.storage), which Tokenizer.from_file cannot open
+        tokenizer = Tokenizer.from_str(path.read_text()) if storage.is_remote(path) else Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises plain Exceptions for malformed files
         raise DataError(f"data.tokenizer={str(path)!r} is not a valid tokenizer.json: {str(e).splitlines()[0]}") from None
     return HFTokenizer(tokenizer, bos_token=data_cfg.bos_token, eos_token=data_cfg.eos_token,
                        pad_token=data_cfg.pad_token, path=path)
+
+
+def _copy(source: Path, target) -> None:
+    """A copy of a local tokenizer.json in the run directory, local or in a bucket (llmx.storage)."""
+    if storage.is_remote(target):
+        target.write_bytes(Path(source).read_bytes())
+    else:
+        shutil.copyfile(source, target)
 
 
 def build_tokenizer(data_cfg, *, vocab_size: int, corpus_texts=None, cache_key: str = "", cache_dir: Path | None = None,
@@ -145,12 +154,12 @@ def build_tokenizer(data_cfg, *, vocab_size: int, corpus_texts=None, cache_key: 
         tok = _load(path, data_cfg)
         if in_run is not None and path != in_run:
             in_run.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, in_run)
+            _copy(path, in_run)
     else:
         tok = _load(Path(kind).expanduser(), data_cfg)
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(tok.path, run_dir / TOKENIZER_FILE)
+            _copy(tok.path, run_dir / TOKENIZER_FILE)
     if tok.vocab_size > vocab_size:
         raise ConfigError(
             f"model.vocab_size={vocab_size} is smaller than the tokenizer's {tok.vocab_size} ids; "
