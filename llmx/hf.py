@@ -22,7 +22,7 @@ from flax import nnx
 from llmx import axes
 from llmx import config as config_lib
 from llmx import mesh as mesh_lib
-from llmx import models, runlock
+from llmx import models, runlock, storage
 from llmx.models import lora
 from llmx.checkpoint import Checkpointer
 from llmx.cli import run as run_cli
@@ -172,6 +172,7 @@ def import_run(hf_dir: str | Path, out: str | Path, overrides: list[str] = ()) -
     steps = build_steps(one_device, mesh_lib.make_mesh(one_device.mesh, jax.devices()[:1]))
     state = steps.init_from_params(params)
     data_state = {}  # no data consumed yet: the trainer starts a fresh iterator from an empty state
+    storage.check("--out", str(out), remote_ok=False)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with runlock.hold(out):  # it writes a run directory, as a trainer does

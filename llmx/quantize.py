@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llmx import models
+from llmx import models, storage
 from llmx.checkpoint import Checkpointer
 from llmx.cli import run as run_cli
 from llmx.config import Config
@@ -66,6 +66,8 @@ def quantize_run(*, run_dir: str, weight_format: str, group: int | None = None, 
     group = DEFAULT_GROUPS.get(weight_format, 0) if group is None else group
     if group < 0:
         raise ConfigError(f"--group {group} must be >= 0 (0: a scale per output channel)")
+    for flag, value in (("--run-dir", run_dir), ("--out", out or "")):  # a bucket run: quantize a local copy
+        storage.check(flag, value, remote_ok=False)
     cfg = load_config(run_dir=run_dir, config=None, overrides=())
     out_dir = Path(out) if out else default_out(run_dir, weight_format, group)
     _check_request(cfg, run_dir=run_dir, weight_format=weight_format, group=group, out=out_dir)

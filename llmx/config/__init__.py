@@ -289,7 +289,8 @@ class TrainConfig:
     sample_prompt: str = _field("def ", help="prompt of the end-of-run sample")
     progress: bool = _field(True, help="show a progress bar")
     plot: bool = _field(False, help="write metrics.png (loss, eval loss, lr, tokens/s, MFU) at the end")
-    profile_steps: tuple = _field((), help="[start, end]: write a jax.profiler trace of these steps to run_dir/profile")
+    profile_steps: tuple = _field((), help="[start, end]: write a jax.profiler trace of these steps to run_dir/profile "
+                                  "(a local run_dir)")
     compilation_cache_dir: str = _field(
         "~/.cache/llmx/jax", help="JAX persistent compilation cache ('' disables)"
     )
