@@ -29,6 +29,7 @@ from orbax.checkpoint import checkpoint_managers
 from llmx import distributed, storage
 from llmx import mesh as mesh_lib
 from llmx.config import CheckpointConfig
+from llmx.cli import absl_errors_only
 from llmx.data.pipeline import state_from_json, state_to_json
 from llmx.errors import CheckpointError, CorruptCheckpointError
 
@@ -76,25 +77,11 @@ def _drained_event_loops():
         asyncio.set_event_loop_policy(previous)
 
 
-@contextlib.contextmanager
-def _absl_errors_only():
-    """Orbax warns through absl about choices made deliberately here (a handler override, a read-only
-    manager's save interval); those warnings are not the user's business and would break the
-    one-line error of a failed command."""
-    absl_log = logging.getLogger("absl")
-    level = absl_log.level
-    absl_log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        absl_log.setLevel(level)
-
-
 def _single_host_array_writes() -> None:
     """Replica-parallel saving splits replicated shards among hosts; with one host it only adds a
     compiled slice per shard (dozens of tiny compilations per save on an 8-device CPU mesh)."""
     if jax.process_count() == 1:
-        with _absl_errors_only():  # the registry warns about every override
+        with absl_errors_only():  # the registry warns about every override
             ocp.type_handlers.register_type_handler(
                 jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
             )
@@ -168,7 +155,7 @@ class Checkpointer:
             policies.append(checkpoint_managers.EveryNSteps(interval_steps=cfg.keep_every))
         # A read-only manager's options warn (in CheckpointManagerOptions itself) that they set
         # save_interval_steps=0, and the manager warns again: both inside.
-        with _absl_errors_only():
+        with absl_errors_only():
             options = ocp.CheckpointManagerOptions(
                 enable_async_checkpointing=cfg.async_save,
                 preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
@@ -316,7 +303,7 @@ def resolve(path: str | Path, *, given_as: str) -> tuple[Path, int]:
         path = path / "checkpoints"
     if not path.is_dir():
         raise CheckpointError(f"{given_as} {path}: no such checkpoint, checkpoints directory or run directory")
-    with _absl_errors_only():
+    with absl_errors_only():
         manager = ocp.CheckpointManager(storage.absolute(path), options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step()
     if step is None:

@@ -3,6 +3,7 @@ line with exit status 2 instead of a traceback."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from typing import Callable
@@ -19,6 +20,20 @@ def _quiet_libraries() -> None:
         tfds.disable_progress_bar()
     except ImportError:
         pass
+
+
+@contextlib.contextmanager
+def absl_errors_only():
+    """Libraries warn through absl about choices llmx makes deliberately (Orbax: a handler override, a
+    read-only manager's save interval; TFDS: a variant folder without dataset_info.json before a first
+    build). Those are not the user's business and would break a failed command's one-line error."""
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_log.setLevel(level)
 
 
 def run(main: Callable[[], int]) -> int:

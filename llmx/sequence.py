@@ -36,7 +36,7 @@ from llmx.mesh import RULES
 log = logging.getLogger(__name__)
 
 AXIS: str = RULES["seq"]  # the mesh axis sequences are split over
-FUSED = ("splash", "cudnn")  # kernels only Ulysses can run under sequence parallelism
+FUSED = ("splash", "cudnn", "triton")  # kernels only Ulysses can run under sequence parallelism
 
 
 def _compute_dtype(cfg: Config):

@@ -81,8 +81,14 @@ def resolve(spec: str) -> Target:
     if kind not in TPU_CHIPS and kind not in GPU_CHIPS:
         known = ", ".join([f"{k}:2x2" for k in TPU_CHIPS] + [f"{k}:1x1x8" for k in GPU_CHIPS])
         raise ConfigError(f"--target {spec!r} is not 'current', a TPU topology or a GPU target (e.g. {known})")
+    import jax
     from jax.experimental import topologies
 
+    if not os.environ.get("JAX_PLATFORMS") and not jax.config.jax_platforms:
+        # Compiling for a target needs no local accelerator: without this, a CPU host with the gpu extra
+        # tries to start the CUDA runtime, fails, and the cuda platform is then missing ("topology not
+        # implemented for cuda"). A no-op where the backends already started.
+        jax.config.update("jax_platforms", "cpu")
     try:
         if kind in TPU_CHIPS:
             # Compiling needs no TPU, so several processes may hold libtpu at once (its lock file

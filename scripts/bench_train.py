@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         if on_cpu:
             detail = (f" (bf16 dot {results['probe_bf16_dot_flops'] / 1e9:.0f}, fp32 dot of upcast operands "
                       f"{results['probe_upcast_fp32_dot_flops'] / 1e9:.0f})")
-        print(f"peak {(peak or float("nan")) / 1e9:.0f} GFLOP/s{detail}, {peak_source}; bf16/fp32 speed {results['bf16_speedup']:.2f}x")
+        print(f"peak {(peak or float('nan')) / 1e9:.0f} GFLOP/s{detail}, {peak_source}; bf16/fp32 speed {results['bf16_speedup']:.2f}x")
         for p in PRECISIONS:
             r = results[p]
             print(f"{p}: {r['tokens_per_second']:8.0f} tokens/s  step {r['step_time'] * 1e3:7.1f} ms  "

@@ -49,7 +49,7 @@ def _cuda_worker() -> dict:
     from jax.experimental import topologies
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from llmx.attention import cudnn_attention
+    from llmx.attention import cudnn_attention, triton_attention
     devices = topologies.get_topology_desc("h100", platform="cuda", target_config=os.environ["LLMX_H100_TARGET_CONFIG"],
                                            topology="1x1x1").devices
     mesh = jax.sharding.Mesh(np.asarray(devices[:1]), ("x",))
@@ -64,7 +64,13 @@ def _cuda_worker() -> dict:
 
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, seg).compile().as_text()
     targets = re.findall(r'custom_call_target="(__cudnn\$fmha[^"]*)"', hlo)
-    return {"cudnn_calls": len(targets), "cudnn_backward_calls": sum(t.endswith("Backward") for t in targets)}
+
+    def triton_loss(q, k, v, s):
+        return jnp.sum(triton_attention(q, k, v, s).astype(jnp.float32))
+
+    triton_hlo = jax.jit(jax.grad(triton_loss, argnums=(0, 1, 2))).lower(q, kv, kv, seg).compile().as_text()
+    return {"cudnn_calls": len(targets), "cudnn_backward_calls": sum(t.endswith("Backward") for t in targets),
+            "triton_calls": triton_hlo.count("__gpu$xla.gpu.triton"), "triton_mentions_cudnn": "cudnn" in triton_hlo}
 
 
 def _ulysses_worker(devices, local: str, **mesh_sizes) -> dict:

@@ -1,5 +1,5 @@
 """Attention kernels agree with a plain reference: xla here, splash in Pallas interpret mode here and
-for real in an AOT compile for TPU, cuDNN in an AOT compile for H100 (no GPU needed). The TPU worker
+for real in an AOT compile for TPU, cuDNN and Triton in an AOT compile for H100 (no GPU needed). The TPU worker
 also compiles the train step with `mesh.offload_optimizer` and checks the state rests in host memory.
 
 AOT compiles run in a subprocess (`python tests/aot_attention_worker.py <target>`) with LLMX_AOT_PYTHON,
@@ -76,6 +76,14 @@ def test_splash_attention_in_interpret_mode_matches_reference(dtype):
     check_forward_and_grads(jax.jit(lambda q, k, v, s: splash_attention(q, k, v, s, interpret=True)), dtype, T=128)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_triton_attention_in_interpret_mode_matches_reference(dtype):
+    """Two 128-row query blocks with documents crossing them, grouped-query heads repeated for the kernel."""
+    from llmx.attention import triton_attention
+
+    check_forward_and_grads(jax.jit(lambda q, k, v, s: triton_attention(q, k, v, s, interpret=True)), dtype, T=256)
+
+
 def test_auto_picks_xla_on_cpu_and_cudnn_needs_low_precision():
     from llmx.attention import resolve
     from llmx.errors import ConfigError
@@ -121,7 +129,7 @@ def test_aot_tpu_splash_train_step_and_optimizer_offload():
 
 
 @pytest.mark.aot_gpu
-def test_aot_h100_cudnn_attention():
+def test_aot_h100_cudnn_and_triton_attention():
     needs_extra("jax_plugins.xla_cuda12", "gpu")
     # jax checks the cuDNN version while tracing, even for AOT: the gpu extra has nvidia-cudnn-cu12.
     needs_extra("nvidia.cudnn", "gpu")
@@ -130,3 +138,5 @@ def test_aot_h100_cudnn_attention():
     # needs a device), so this proves the lowering and the H100 compile, not cuDNN's support for the graph.
     assert report["cudnn_calls"] > 0, "no cuDNN fused attention in the compiled H100 step"
     assert report["cudnn_backward_calls"] > 0, "no cuDNN fused attention backward in the compiled H100 step"
+    # Triton flash attention: forward, the backward's preprocessing and the fused dQ/dK/dV kernel.
+    assert report["triton_calls"] >= 3 and not report["triton_mentions_cudnn"], report

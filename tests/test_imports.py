@@ -111,3 +111,16 @@ def test_a_cycle_through_a_function_level_import_is_found(tmp_path):
     graph = import_graph(module_names(tmp_path, packages=("llmx",)))
     assert graph["llmx.c"] == set()  # annotations only: never imported at run time
     assert find_cycle(graph) == ["llmx.a", "llmx.sub.b", "llmx.a"]
+
+
+def test_every_script_and_notebook_helper_parses_on_the_oldest_supported_python():
+    """Scripts are not imported by the suite, so a syntax error there (an f-string that nests its own
+    quotes, legal only from Python 3.12) would otherwise reach users first. `ast.parse` with
+    feature_version refuses newer syntax even on a newer interpreter."""
+    bad = []
+    for path in sorted([*(REPO / "scripts").rglob("*.py"), *(REPO / "notebooks").rglob("*.py")]):
+        try:
+            ast.parse(path.read_text(), filename=str(path), feature_version=(3, 11))
+        except SyntaxError as e:
+            bad.append(f"{path.relative_to(REPO)}:{e.lineno}: {e.msg}")
+    assert not bad, bad

@@ -9,6 +9,8 @@ attends to keys s <= t of its own document. Softmax statistics are fp32 in all o
   with the causal upper triangle skipped block-wise.
 - cudnn: cuDNN's fused flash attention through `jax.nn.dot_product_attention` (GPU, bf16/fp16).
 - splash: the Pallas splash-attention kernel that ships with JAX (TPU), with segment ids.
+- triton: the Pallas/Triton flash-attention kernel that ships with JAX (GPU), with segment ids: O(T)
+  memory where cuDNN's document mask is O(T^2), for long packed sequences.
 
 With the sequence split over the `sequence` mesh axis (`llmx.attention.parallel`), `kernel` returns a
 strategy instead, which also takes the tokens' positions (B, T): the mask comes from positions and
@@ -37,6 +39,7 @@ from llmx.attention.mask import attention_mask, masked_attention, position_mask
 from llmx.attention.parallel import SequenceParallel, active, sequence_parallel
 from llmx.attention.ring import ring_attention
 from llmx.attention.splash import splash_attention, splash_kernel
+from llmx.attention.triton import triton_attention, triton_kernel
 from llmx.attention.ulysses import ulysses_attention
 from llmx.attention.xla import causal_blocks, xla_attention
 from llmx.errors import ConfigError
@@ -59,13 +62,14 @@ __all__ = [
     "ring_attention",
     "sequence_parallel",
     "splash_attention",
+    "triton_attention",
     "ulysses_attention",
     "xla_attention",
 ]
 
-ATTENTION = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_attention}
+ATTENTION = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_attention, "triton": triton_attention}
 # The same kernels on one device's whole sequences, for strategies that call them inside their own shard_map.
-LOCAL = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_kernel}
+LOCAL = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_kernel, "triton": triton_kernel}
 # mesh.sequence_strategy -> fn(q, k, v, segment_ids, positions, *, axis[, local]).
 SEQUENCE_PARALLEL = {"all_gather": gathered_attention, "ring": ring_attention, "ulysses": ulysses_attention}
 # The kernels a strategy can run: all_gather and ring compute their own blockwise XLA attention.

@@ -46,3 +46,21 @@ def shard_over_mesh(per_shard: Callable, q, k, v, segment_ids, positions, *, hea
         per_shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, token_spec, token_spec), out_specs=q_spec,
         check_vma=False,
     )(q, k, v, segment_ids, positions)
+
+
+def whole_sequences_over_mesh(per_shard: Callable, q, k, v, segment_ids):
+    """`per_shard(q, k, v, segment_ids) -> out` on each device's whole sequences, for fused kernels the
+    partitioner cannot split (Pallas custom calls): batch over the batch axes, heads over `tensor` where
+    the KV heads split too (otherwise neither is split). Sequence parallelism goes through Ulysses."""
+    mesh = mesh_lib.active_mesh()
+    if mesh is None or mesh.size == 1:
+        return per_shard(q, k, v, segment_ids)
+    spec = lambda x, axes: mesh_lib.logical_to_spec(axes, x.shape, mesh_lib.RULES, mesh)  # noqa: E731
+    q_spec = spec(q, ("batch", None, "heads", "head_dim"))
+    kv_spec = spec(k, ("batch", None, "kv_heads", "head_dim"))
+    if q_spec[2] != kv_spec[2]:  # heads split but KV heads whole: split neither
+        q_spec, kv_spec = P(q_spec[0], None, None, None), P(kv_spec[0], None, None, None)
+    return jax.shard_map(
+        per_shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(q_spec[0], None)), out_specs=q_spec,
+        check_vma=False,
+    )(q, k, v, segment_ids)

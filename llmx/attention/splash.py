@@ -6,9 +6,8 @@ import functools
 import math
 
 import jax
-from jax.sharding import PartitionSpec as P
 
-from llmx import mesh as mesh_lib
+from llmx.attention.sharded import whole_sequences_over_mesh
 from llmx.errors import ConfigError
 
 
@@ -41,18 +40,5 @@ def splash_kernel(q, k, v, segment_ids, *, interpret: bool = False):
 
 
 def splash_attention(q, k, v, segment_ids, *, interpret: bool = False):
-    """Pallas splash attention (TPU; `interpret=True` runs it anywhere, slowly). Under a mesh the kernel
-    runs per shard through shard_map: batch over (data, fsdp), heads over tensor."""
-    per_shard = functools.partial(splash_kernel, interpret=interpret)
-    mesh = mesh_lib.active_mesh()
-    if mesh is None or mesh.size == 1:
-        return per_shard(q, k, v, segment_ids)
-    spec = lambda x, axes: mesh_lib.logical_to_spec(axes, x.shape, mesh_lib.RULES, mesh)  # noqa: E731
-    q_spec = spec(q, ("batch", None, "heads", "head_dim"))  # whole sequences (sequence > 1 goes through Ulysses)
-    kv_spec = spec(k, ("batch", None, "kv_heads", "head_dim"))
-    if q_spec[2] != kv_spec[2]:  # heads split but KV heads whole: split neither
-        q_spec, kv_spec = P(q_spec[0], None, None, None), P(kv_spec[0], None, None, None)
-    return jax.shard_map(
-        per_shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(q_spec[0], None)), out_specs=q_spec,
-        check_vma=False,
-    )(q, k, v, segment_ids)
+    """Pallas splash attention (TPU; `interpret=True` runs it anywhere, slowly), per shard under a mesh."""
+    return whole_sequences_over_mesh(functools.partial(splash_kernel, interpret=interpret), q, k, v, segment_ids)

@@ -56,8 +56,9 @@ class ModelConfig:
     )
     attention: str = _field(
         "auto",
-        choices=("auto", "xla", "cudnn", "splash"),
-        help="attention kernel: xla einsums, cuDNN flash (GPU), Pallas splash (TPU); auto picks by backend",
+        choices=("auto", "xla", "cudnn", "splash", "triton"),
+        help="attention kernel: xla einsums, cuDNN flash (GPU), Pallas splash (TPU), Pallas/Triton flash (GPU, "
+        "O(T) memory for long packed sequences); auto picks by backend (cudnn on GPU)",
     )
     scan_layers: bool = _field(True, help="lax.scan over stacked layers (compile time flat in depth) or unroll")
     remat: str = _field(
@@ -243,7 +244,7 @@ class MeshConfig:
         "auto",
         choices=("auto", "all_gather", "ulysses", "ring"),
         help="attention with mesh.sequence > 1: K/V all-gathered, DeepSpeed-Ulysses all-to-alls (heads over "
-        "tensor x sequence), or a ring of K/V blocks; auto: ulysses around a fused kernel (splash, cudnn), else ring",
+        "tensor x sequence), or a ring of K/V blocks; auto: ulysses around a fused kernel (splash, cudnn, triton), else ring",
     )
     sequence_load_balance: bool = _field(
         True,

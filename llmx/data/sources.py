@@ -13,7 +13,6 @@ Records are dicts with a text field; `document_text` reads it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from llmx.cli import absl_errors_only
 from llmx.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -159,17 +159,6 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
                     yield key, {"text": text, "path": key}
 
 
-@contextlib.contextmanager
-def _absl_errors_only():
-    absl_log = logging.getLogger("absl")
-    level = absl_log.level
-    absl_log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        absl_log.setLevel(level)
-
-
 def default_cache_dir() -> Path:
     return Path(os.environ.get("LLMX_DATA_DIR", Path.home() / ".cache" / "llmx" / "data"))
 
@@ -212,7 +201,7 @@ def text_corpus(source: str, *, cache_dir: str = "", cleaning: Cleaning, max_doc
     files = resolve_files(source, max_documents=max_documents)
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     data_dir = root / f"textcorpus-{_fingerprint(files, cleaning)}"
-    with _absl_errors_only():  # TFDS warns "Variant folder ... has no dataset_info.json" before every first build
+    with absl_errors_only():  # TFDS warns "Variant folder ... has no dataset_info.json" before every first build
         builder = TextCorpus(files=files, cleaning=cleaning, data_dir=str(data_dir), file_format="array_record")
         prepared = builder.is_prepared()
     stats_file = data_dir / "stats.json"
