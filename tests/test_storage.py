@@ -69,8 +69,9 @@ def test_object_store_lock_is_a_conditional_create():
 
 @pytest.fixture(scope="module")
 def gcs():
-    """An in-memory GCS server for this module, with GCS's `ifGenerationMatch=0` precondition (a write
-    that must create: 412 when the object exists), which the emulator lacks and the run lock relies on."""
+    """An in-memory GCS server for this module. The run lock's object gets GCS's `ifGenerationMatch=0`
+    precondition (a write that must create: 412 when the object exists), which the emulator lacks; every
+    other request (TensorStore's among them) meets the emulator as it is."""
     pytest.importorskip("gcsfs", reason="the gcs extra: pip install -e '.[gcs-test]'")
     emulator = pytest.importorskip("gcp_storage_emulator.server", reason="pip install -e '.[gcs-test]'")
     from gcp_storage_emulator.handlers import objects
@@ -80,7 +81,7 @@ def gcs():
     def insert(request, response, storage_, *args, **kwargs):
         if request.query.get("ifGenerationMatch") == ["0"]:
             name = (request.query.get("name") or [None])[0] or request.data["meta"].get("name")
-            if name in storage_.objects.get(request.params["bucket_name"], {}):
+            if name.endswith(runlock.LOCK_FILE) and name in storage_.objects.get(request.params["bucket_name"], {}):
                 response.status = HTTPStatus.PRECONDITION_FAILED
                 return None
         return plain_insert(request, response, storage_, *args, **kwargs)
