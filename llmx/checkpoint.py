@@ -296,7 +296,7 @@ def resolve(path: str | Path, *, given_as: str) -> tuple[Path, int]:
     """(checkpoint directory, step) of a step directory, a directory of steps (its newest complete
     one) or a run directory (its `checkpoints/`). `given_as` names where the path came from
     ('checkpoint.restore_from', '--checkpoint', '--run-dir') for the messages."""
-    path = storage.path(path)
+    path = storage.reach(given_as, path)
     if path.name.isdigit() and (path / "state").is_dir():
         return path.parent, int(path.name)
     if (path / "checkpoints").is_dir():

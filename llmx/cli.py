@@ -12,7 +12,7 @@ from llmx.errors import LlmxError
 
 
 def _quiet_libraries() -> None:
-    for name in ("absl", "orbax", "tensorflow_datasets", "jax._src.xla_bridge", "grain", "lm_eval", "datasets"):
+    for name in ("absl", "orbax", "tensorflow_datasets", "jax._src.xla_bridge", "grain", "lm_eval", "datasets", "gcsfs"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         import tensorflow_datasets as tfds

@@ -22,6 +22,7 @@ What an object store lacks, and what llmx does instead (see the modules):
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 
 from etils import epath
@@ -66,6 +67,26 @@ def path(value: str | Path) -> Path | epath.Path:
         return Path(value)
     _fresh_listings(scheme(value))
     return epath.Path(str(value))
+
+
+def reach(key: str, value: str | Path) -> Path | epath.Path:
+    """`path(value)`, after one request to its bucket: an unreachable one (no network, no credentials, no
+    such bucket) is a ConfigError line naming the key and the cause, not a traceback from gcsfs's retries."""
+    p = path(value)
+    if is_remote(value):
+        gcsfs_log = logging.getLogger("gcsfs")  # it logs every failed retry with a traceback
+        level = gcsfs_log.level
+        gcsfs_log.setLevel(logging.CRITICAL)
+        try:
+            p.exists()
+        except Exception as e:  # gcsfs/aiohttp/google-auth raise assorted types for the same cause
+            cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ConfigError(f"{key}={value}: cannot reach the bucket ({type(e).__name__}: {cause}); check the "
+                              "network, the bucket name and Google credentials (gcloud auth application-default "
+                              "login)") from None
+        finally:
+            gcsfs_log.setLevel(level)
+    return p
 
 
 def _fresh_listings(name: str) -> None:

@@ -117,7 +117,7 @@ def check_paths(cfg: Config) -> None:
 
 def make_run_dir(path: str):
     """The run directory, created; a local `pathlib.Path` or a bucket's `epath.Path` (llmx.storage)."""
-    run_dir = storage.path(path)
+    run_dir = storage.reach("train.run_dir", path)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"train.run_dir={path} is a file, not a directory; point train.run_dir at a directory")
     try:
@@ -137,7 +137,7 @@ def train(cfg: Config, *, devices=None) -> RunSummary:
     # Inputs that can be checked quickly are, before anything is created or prepared.
     check_paths(cfg)
     data_lib.check_sources(cfg)
-    check_restore_from(cfg.checkpoint, storage.path(cfg.train.run_dir) / "checkpoints")
+    check_restore_from(cfg.checkpoint, storage.reach("train.run_dir", cfg.train.run_dir) / "checkpoints")
     run_dir = make_run_dir(cfg.train.run_dir)
     # Whatever is opened is closed in reverse on every path, so an error's one line is the last output.
     with contextlib.ExitStack() as opened:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import socket
 import sys
 from http import HTTPStatus
@@ -44,6 +45,26 @@ def test_uris_llmx_cannot_write_are_one_line(override, message, tmp_path, monkey
     with pytest.raises(ConfigError) as error:
         train(config_lib.load(None, [f"train.run_dir={tmp_path / 'run'}", override]))
     assert str(error.value).startswith(message)
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_unreachable_bucket_is_one_line_and_gcsfs_retries_stay_quiet(tmp_path, monkeypatch, caplog):
+    """No network or no credentials: gcsfs logs a traceback for every exhausted retry; the trainer stops
+    with one line naming the key and the cause instead, before anything is created."""
+    pytest.importorskip("gcsfs", reason="gcsfs (the gcs extra) is not installed")
+    from etils import epath
+
+    def unreachable(self):
+        logging.getLogger("gcsfs").exception("_request out of retries on exception: no route")
+        raise OSError("Cannot connect to host storage.googleapis.com:443")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(epath.gpath.PosixGPath, "exists", unreachable)
+    with caplog.at_level(logging.DEBUG), pytest.raises(ConfigError) as error:
+        train(config_lib.load(None, ["train.run_dir=gs://bucket/run"]))
+    assert str(error.value).startswith("train.run_dir=gs://bucket/run: cannot reach the bucket (OSError: Cannot "
+                                       "connect to host storage.googleapis.com:443); check the network")
+    assert not [r for r in caplog.records if r.name.startswith("gcsfs")]
     assert not list(tmp_path.iterdir())
 
 
