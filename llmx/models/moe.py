@@ -1,0 +1,250 @@
+"""A mixture-of-experts SwiGLU layer (Shazeer et al. 2017; GShard, Lepikhin et al. 2020; Mixtral, Jiang et
+al. 2024): a router picks k of E experts per token, the token's output is the renormalised-weight sum of
+those experts' SwiGLU outputs.
+
+Three ways to run the experts, chosen by `model.moe_impl` when the model is built (`EXPERT_IMPLS`):
+  - `dense`: capacity-based dispatch/combine einsums (GShard §2.2): every expert gets C token slots, a token
+    past its expert's C slots is dropped (its residual passes through); -1 capacity factor: C = all tokens.
+  - `ragged`: the (token, expert) assignments sorted by expert, one `jax.lax.ragged_dot` per projection.
+  - `megablox`: the same with the Pallas grouped matmul of `jax.experimental.pallas.ops.tpu.megablox`
+    (MaxText's and the JAX team's TPU kernel; interpreted on other platforms).
+
+On a mesh the experts run inside a `shard_map` over all mesh axes: the tokens are split over the batch axes,
+the experts (E) over `expert`, each expert's hidden width (F) over `tensor` (partial sums, one psum). With
+mesh.expert > 1, tokens reach their experts' devices by `all_to_all` (dense: the dispatched (E, C, D) slots
+go out and come back, DeepSpeed-MoE and GShard's exchange); dropless (ragged, megablox) all-gathers the
+tokens over `expert`, runs the local experts on their assignments and reduce-scatters the sums back
+(XLA:CPU has no `ragged_all_to_all`, the exchange that would send only the routed tokens).
+
+Shapes: N tokens, D d_model, E experts, El experts on this device, k experts per token, C capacity, F expert
+hidden width.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from llmx import axes
+from llmx.config import ModelConfig
+from llmx.errors import ConfigError
+from llmx.mesh import RULES, active_mesh, logical_to_spec, traced_platform
+from llmx.models.layers import normal_param
+
+
+def route(x, router, *, k: int):
+    """Router of Mixtral (HF `MixtralTopKRouter`): logits (N, E) fp32, softmax, top-k, the k weights
+    renormalised to sum to 1. -> (logits (N, E), probs (N, E), top_weights (N, k), top_experts (N, k))."""
+    logits = jnp.einsum("nd,de->ne", x, router.astype(x.dtype), preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    top_weights, top_experts = jax.lax.top_k(probs, k)
+    return logits, probs, top_weights / top_weights.sum(-1, keepdims=True), top_experts
+
+
+def capacity(n_tokens: int, cfg: ModelConfig) -> int:
+    """Token slots per expert for a block of `n_tokens` (GShard: factor x N x k / E); dropless (-1):
+    N, as many as can pick one expert (top-k picks k distinct experts)."""
+    if cfg.moe_capacity_factor == -1:
+        return n_tokens
+    return max(1, min(n_tokens, math.ceil(cfg.moe_capacity_factor * n_tokens * cfg.experts_per_token / cfg.n_experts)))
+
+
+def slots(top_experts, n_experts: int, capacity_: int):
+    """Each assignment's slot in its expert's queue and whether it fits: the first choices of all tokens
+    queue before the second choices (GShard, Switch), tokens in order. -> (slot (N, k) int, kept (N, k) bool)."""
+    n, k = top_experts.shape
+    onehot = jax.nn.one_hot(top_experts.T.reshape(-1), n_experts, dtype=jnp.int32)  # (k*N, E), choice-major
+    slot = (jnp.cumsum(onehot, axis=0) - 1) * onehot  # (k*N, E)
+    slot = slot.sum(-1).reshape(k, n).T  # (N, k)
+    return slot, slot < capacity_
+
+
+def _swiglu(h_gate, h_up, dtype):
+    return (jax.nn.silu(h_gate) * h_up).astype(dtype)
+
+
+# --- the experts on one device's tokens and experts: (x (N, D), top_experts, top_weights (N, k), weights) ->
+# (y (N, D) partial over `tensor`, dropped (N, k))
+
+
+def _dense(x, top_experts, top_weights, w_gate, w_up, w_down, *, cfg: ModelConfig, expert_axis, ep: int):
+    E, dt = cfg.n_experts, x.dtype
+    C = capacity(x.shape[0], cfg)
+    slot, kept = slots(top_experts, E, C)
+    # (N, k, E) x (N, k, C) -> (N, E, C); a token picks an expert once, so the sum over k keeps 0/1 entries
+    to_expert = jax.nn.one_hot(top_experts, E, dtype=jnp.float32) * kept[..., None]
+    to_slot = jax.nn.one_hot(slot, C, dtype=jnp.float32)
+    dispatch = jnp.einsum("nke,nkc->nec", to_expert, to_slot)  # (N, E, C)
+    combine = jnp.einsum("nke,nkc,nk->nec", to_expert, to_slot, top_weights)
+    xin = jnp.einsum("nec,nd->ecd", dispatch.astype(dt), x)  # (E, C, D)
+    if expert_axis is not None:  # slots of expert e go to its device; back come the other devices' tokens
+        xin = jax.lax.all_to_all(xin, expert_axis, 0, 0, tiled=True)  # (E, C, D): [source, local expert]
+    El = w_gate.shape[0]
+    xin = xin.reshape(ep, El, C, -1)  # (S, El, C, D)
+    h = _swiglu(jnp.einsum("secd,edf->secf", xin, w_gate, preferred_element_type=jnp.float32),
+                jnp.einsum("secd,edf->secf", xin, w_up, preferred_element_type=jnp.float32), dt)
+    out = jnp.einsum("secf,efd->secd", h, w_down, preferred_element_type=jnp.float32).astype(dt)
+    out = out.reshape(ep * El, C, -1)
+    if expert_axis is not None:
+        out = jax.lax.all_to_all(out, expert_axis, 0, 0, tiled=True)  # (E, C, D) by global expert again
+    y = jnp.einsum("nec,ecd->nd", combine.astype(dt), out, preferred_element_type=jnp.float32)
+    return y, ~kept
+
+
+def _ragged_dot(lhs, rhs, group_sizes):
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+
+
+def _megablox_dot(lhs, rhs, group_sizes):
+    from jax.experimental.pallas.ops.tpu import megablox
+
+    m, d, f = lhs.shape[0], lhs.shape[1], rhs.shape[2]
+    tm = 128 if m >= 128 else -(-m // 8) * 8
+    rows = -(-m // tm) * tm  # the kernel tiles the rows: pad them (rows past the groups are never read)
+    lhs = jnp.pad(lhs, ((0, rows - m), (0, 0)))
+    out = megablox.gmm(lhs, rhs, group_sizes.astype(jnp.int32), jnp.float32, (tm, min(128, d), min(128, f)),
+                       interpret=traced_platform() != "tpu")
+    return out[:m]
+
+
+def _grouped(x, top_experts, top_weights, w_gate, w_up, w_down, *, cfg: ModelConfig, expert_axis, ep: int, dot):
+    """Dropless (or capacity-limited) experts by grouped matmuls over the assignments sorted by expert."""
+    dt, k, El = x.dtype, cfg.experts_per_token, w_gate.shape[0]
+    _, kept = slots(top_experts, cfg.n_experts, capacity(x.shape[0], cfg))
+    dropped = ~kept  # of this device's tokens
+    first = 0
+    if expert_axis is not None:  # every device's tokens, for this device's experts
+        x, top_experts, top_weights, kept = (
+            jax.lax.all_gather(a, expert_axis, tiled=True) for a in (x, top_experts, top_weights, kept))
+        first = jax.lax.axis_index(expert_axis) * El
+    M = x.shape[0]
+    local = top_experts - first  # (M, k)
+    mine = kept & (local >= 0) & (local < El)
+    group = jnp.where(mine, local, El).reshape(-1)  # (M*k,): El sorts the others past the last group
+    order = jnp.argsort(group, stable=True)
+    token = (jnp.arange(M * k) // k)[order]  # (M*k,) the token of each sorted assignment
+    group_sizes = jnp.bincount(group, length=El + 1)[:El]  # (El,)
+    xs = x[token]  # (M*k, D)
+    h = _swiglu(dot(xs, w_gate, group_sizes), dot(xs, w_up, group_sizes), dt)  # (M*k, F)
+    out = dot(h, w_down, group_sizes)  # (M*k, D) fp32
+    weight = jnp.where(mine, top_weights, 0.0).reshape(-1)[order]  # (M*k,)
+    out = jnp.where(mine.reshape(-1)[order][:, None], out * weight[:, None], 0.0)
+    y = jnp.zeros((M, x.shape[1]), jnp.float32).at[token].add(out)  # (M, D)
+    if expert_axis is not None:  # the sums over every device's experts, each device keeping its tokens
+        y = jax.lax.psum_scatter(y, expert_axis, scatter_dimension=0, tiled=True)
+    return y, dropped
+
+
+EXPERT_IMPLS = {
+    "dense": _dense,
+    "ragged": functools.partial(_grouped, dot=_ragged_dot),
+    "megablox": functools.partial(_grouped, dot=_megablox_dot),
+}
+
+
+def resolve_impl(cfg: ModelConfig, platform: str) -> str:
+    """model.moe_impl with `auto` resolved: capacity-limited -> dense, TPU -> megablox, else ragged."""
+    if cfg.moe_impl != "auto":
+        return cfg.moe_impl
+    if cfg.moe_capacity_factor != -1:
+        return "dense"
+    return "megablox" if platform == "tpu" else "ragged"
+
+
+def run_experts(x, top_experts, top_weights, w_gate, w_up, w_down, *, cfg: ModelConfig):
+    """y (N, D) fp32 and dropped (N, k) bool for tokens x (N, D) routed to `top_experts` with `top_weights`;
+    on the active mesh, one `shard_map` over all its axes (module docstring)."""
+    impl = resolve_impl(cfg, traced_platform())
+    fn = EXPERT_IMPLS[impl]
+    mesh = active_mesh()
+    if mesh is None or mesh.size == 1:
+        return fn(x, top_experts, top_weights, w_gate, w_up, w_down, cfg=cfg, expert_axis=None, ep=1)
+    ep = mesh.shape["expert"]
+    if cfg.n_experts % ep:
+        raise ConfigError(f"model.n_experts={cfg.n_experts} is not divisible by mesh.expert={ep}; "
+                          f"use a divisor of {cfg.n_experts}")
+    token_axes = tuple(a for a in axes.BATCH_AXES if mesh.shape[a] > 1)
+    split = math.prod(mesh.shape[a] for a in token_axes)
+    n = x.shape[0]
+    pad = -n % split  # a decode step's few tokens: pad to one row per device at least
+    if pad:
+        x, top_experts, top_weights = (jnp.pad(a, ((0, pad), (0, 0))) for a in (x, top_experts, top_weights))
+    # megablox's kernel cannot be split by the partitioner nor typed by shard_map: the hidden width stays
+    # whole there (gathered over tensor), so no psum is needed.
+    tensor = "tensor" if impl != "megablox" and cfg.expert_d_ff % mesh.shape["tensor"] == 0 and mesh.shape["tensor"] > 1 else None
+    expert = "expert" if ep > 1 else None
+    tokens = P(token_axes or None)
+    w_in, w_out = P(expert, None, tensor), P(expert, tensor, None)
+
+    def local(x, top_experts, top_weights, w_gate, w_up, w_down):
+        y, dropped = fn(x, top_experts, top_weights, w_gate, w_up, w_down, cfg=cfg, expert_axis=expert, ep=ep)
+        if tensor is not None:
+            y = jax.lax.psum(y, tensor)  # each tensor shard summed its slice of F
+        return y, dropped
+
+    y, dropped = jax.shard_map(
+        local, mesh=mesh, in_specs=(tokens, tokens, tokens, w_in, w_in, w_out), out_specs=(tokens, tokens),
+        check_vma=impl != "megablox",
+    )(x, top_experts, top_weights, w_gate, w_up, w_down)
+    return y[:n], dropped[:n]
+
+
+class MoE(nnx.Module):
+    """Router (D, E) and E SwiGLU experts stacked on the `experts` logical axis (mesh axis `expert`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, E, F = cfg.d_model, cfg.n_experts, cfg.expert_d_ff
+        pd = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.router = normal_param(rngs, (D, E), ("embed", None), std=cfg.init_std, dtype=pd)
+        self.w_gate = normal_param(rngs, (E, D, F), ("experts", "embed", "mlp"), std=cfg.init_std, dtype=pd)
+        self.w_up = normal_param(rngs, (E, D, F), ("experts", "embed", "mlp"), std=cfg.init_std, dtype=pd)
+        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        self.w_down = normal_param(rngs, (E, F, D), ("experts", "mlp", "embed"), std=out_std, dtype=pd)
+
+    def __call__(self, x):
+        """(y (B, T, D), stats): stats are this layer's sums for the auxiliary losses and metrics
+        (`auxiliary`): per-expert assignment counts and router probabilities, the z-loss sum, drops."""
+        cfg = self.cfg
+        B, T, D = x.shape
+        dt = x.dtype
+        tokens = x.reshape(B * T, D)  # (N, D)
+        logits, probs, top_weights, top_experts = route(tokens, self.router[...], k=cfg.experts_per_token)
+        w = [getattr(self, name)[...].astype(dt) for name in ("w_gate", "w_up", "w_down")]
+        y, dropped = run_experts(tokens, top_experts, top_weights.astype(dt), *w, cfg=cfg)
+        stats = {
+            "counts": jax.nn.one_hot(top_experts, cfg.n_experts, dtype=jnp.float32).sum((0, 1)),  # (E,)
+            "probs": probs.sum(0),  # (E,)
+            "z": jnp.square(jax.nn.logsumexp(logits, axis=-1)).sum(),  # ST-MoE z-loss (Zoph et al. 2022, eq. 5)
+            "dropped": dropped.astype(jnp.float32).sum(),
+            "tokens": jnp.float32(B * T),
+        }
+        return y.astype(dt).reshape(B, T, D), stats
+
+
+def load_balancing_loss(counts, probs, n_tokens, n_experts: int):
+    """Switch (Fedus et al. 2021, eq. 4) as Mixtral computes it over all layers' tokens together
+    (transformers' `load_balancing_loss_func`): E x sum_e (assignments to e / tokens) x mean router prob of e.
+    counts, probs: (L, E) per-layer sums; n_tokens: (L,)."""
+    total = n_tokens.sum()
+    return n_experts * jnp.sum(counts.sum(0) / total * (probs.sum(0) / total))
+
+
+def auxiliary(stats: dict, cfg: ModelConfig) -> tuple[jax.Array, dict]:
+    """(the penalty added to the mean loss, metrics) from the layers' stacked (L, ...) stats."""
+    aux = load_balancing_loss(stats["counts"], stats["probs"], stats["tokens"], cfg.n_experts)
+    z = stats["z"].sum() / stats["tokens"].sum()
+    per_layer_load = stats["counts"]  # (L, E) assignments per expert
+    metrics = {
+        "aux_loss": aux,
+        "z_loss": z,
+        "dropped_fraction": stats["dropped"].sum() / (stats["tokens"].sum() * cfg.experts_per_token),
+        "expert_load_max": per_layer_load.max(-1).mean(),  # tokens of the busiest expert, mean over layers
+        "expert_load_mean": per_layer_load.mean(-1).mean(),
+    }
+    return cfg.router_aux_loss_coef * aux + cfg.router_z_loss_coef * z, metrics
