@@ -152,3 +152,49 @@ def test_dropless_expert_parallel_gathers_and_scatters_like_one_device(one_devic
     cfg = _cfg("model.moe_impl=ragged", *LAYOUTS["expert=4 fsdp=2"])
     _, history, _ = _train(cfg, jax.devices(), steps=3)
     np.testing.assert_allclose([m["loss"] for m in history], [m["loss"] for m in one_device_run[1][:3]], rtol=1e-5)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_plan_accounts_expert_shards(stage):
+    from llmx.plan import expert_bytes, state_memory
+
+    cfg = _cfg("mesh.data=1", "mesh.expert=4", "mesh.fsdp=2", f"mesh.zero_stage={stage}", "train.micro_batch_size=2")
+    steps_ = build_steps(cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()))
+    L, E, D, F = 2, 8, 32, 48
+    assert expert_bytes(steps_.abstract_state.params) == 4 * L * E * 3 * D * F
+    memory = state_memory(cfg, steps_)
+    assert memory.params == pytest.approx(memory.expected_params, rel=0.02)
+    assert memory.opt_state == pytest.approx(memory.expected_opt_state, rel=0.02)
+
+
+def test_flops_count_the_active_experts_only():
+    from flax import nnx
+
+    from llmx import models
+
+    cfg = _cfg().model
+    model = models.get("mixtral").build(cfg, rngs=nnx.Rngs(0))
+    sizes = {"/".join(map(str, path)): v.size for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    total = sum(sizes.values())
+    norms = sum(n for name, n in sizes.items() if "norm" in name)
+    experts = sum(n for name, n in sizes.items() if name.split("/")[-1] in ("w_gate", "w_up", "w_down"))
+    inactive = experts * (cfg.n_experts - cfg.experts_per_token) // cfg.n_experts
+    family = models.get("mixtral")
+    # embed (lookup, no matmul) and unembed both V x D: the lookup is left out
+    assert family.matmul_params(cfg) == total - norms - cfg.vocab_size * cfg.d_model - inactive
+    assert family.flops_per_token(cfg) == 6 * family.matmul_params(cfg) + 6 * 2 * 4 * 8 * 16
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.experts_per_token=9"], "model.experts_per_token=9 exceeds model.n_experts=8"),
+    (["mesh.expert=3"], "model.n_experts=8 is not divisible by mesh.expert=3; use a divisor of 8"),
+    (["model.moe_impl=sparse"], "model.moe_impl='sparse' is not allowed; choose one of: auto, ragged, megablox, dense"),
+    (["mesh.pipeline=2", "train.grad_accum_steps=2"], "mesh.pipeline=2 is not implemented for model.family=mixtral"),
+    (["model.moe_capacity_factor=0"], "model.moe_capacity_factor=0.0 must be > 0, or -1"),
+])
+def test_bad_moe_config_is_a_one_line_error(overrides, message):
+    from llmx.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        _cfg(*overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
