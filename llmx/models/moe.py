@@ -3,8 +3,9 @@ al. 2024): a router picks k of E experts per token, the token's output is the re
 those experts' SwiGLU outputs.
 
 Three ways to run the experts, chosen by `model.moe_impl` when the model is built (`EXPERT_IMPLS`):
-  - `dense`: capacity-based dispatch/combine einsums (GShard §2.2): every expert gets C token slots, a token
+  - `dense`: capacity-based dispatch and combine (GShard §2.2): every expert gets C token slots, a token
     past its expert's C slots is dropped (its residual passes through); -1 capacity factor: C = all tokens.
+    Dispatch and combine are gathers of token rows (GShard's one-hot einsums, same numbers, cost more).
   - `ragged`: the (token, expert) assignments sorted by expert, one `jax.lax.ragged_dot` per projection.
   - `megablox`: the same with the Pallas grouped matmul of `jax.experimental.pallas.ops.tpu.megablox`
     (MaxText's and the JAX team's TPU kernel; interpreted on other platforms).
@@ -73,26 +74,29 @@ def _swiglu(h_gate, h_up, dtype):
 
 
 def _dense(x, top_experts, top_weights, w_gate, w_up, w_down, *, cfg: ModelConfig, expert_axis, ep: int):
-    E, dt = cfg.n_experts, x.dtype
-    C = capacity(x.shape[0], cfg)
+    """Capacity-based dispatch and combine (GShard §2.2). The one-hot dispatch/combine einsums (N, E, C) x
+    (N, D) cost N·E·C·D, more than the experts themselves at these widths; the same dispatch as a gather of
+    token rows into (E, C) slots, and the combine as a gather back, costs (E·C + N·k)·D."""
+    N, D = x.shape
+    E, dt, El = cfg.n_experts, x.dtype, w_gate.shape[0]
+    C = capacity(N, cfg)
     slot, kept = slots(top_experts, E, C)
-    # (N, k, E) x (N, k, C) -> (N, E, C); a token picks an expert once, so the sum over k keeps 0/1 entries
-    to_expert = jax.nn.one_hot(top_experts, E, dtype=jnp.float32) * kept[..., None]
-    to_slot = jax.nn.one_hot(slot, C, dtype=jnp.float32)
-    dispatch = jnp.einsum("nke,nkc->nec", to_expert, to_slot)  # (N, E, C)
-    combine = jnp.einsum("nke,nkc,nk->nec", to_expert, to_slot, top_weights)
-    xin = jnp.einsum("nec,nd->ecd", dispatch.astype(dt), x)  # (E, C, D)
+    dest = jnp.where(kept, top_experts * C + slot, E * C)  # (N, k) flat slot; E*C: dropped
+    token = jnp.broadcast_to(jnp.arange(N)[:, None], dest.shape)
+    slot_token = jnp.full((E * C + 1,), N, jnp.int32).at[dest.reshape(-1)].set(token.reshape(-1))[:-1]  # (E*C,)
+    xin = jnp.concatenate([x, jnp.zeros((1, D), dt)])[slot_token].reshape(E, C, D)  # empty slots: zero rows
     if expert_axis is not None:  # slots of expert e go to its device; back come the other devices' tokens
         xin = jax.lax.all_to_all(xin, expert_axis, 0, 0, tiled=True)  # (E, C, D): [source, local expert]
-    El = w_gate.shape[0]
-    xin = xin.reshape(ep, El, C, -1)  # (S, El, C, D)
+    xin = xin.reshape(ep, El, C, D)  # (S, El, C, D)
     h = _swiglu(jnp.einsum("secd,edf->secf", xin, w_gate, preferred_element_type=jnp.float32),
                 jnp.einsum("secd,edf->secf", xin, w_up, preferred_element_type=jnp.float32), dt)
     out = jnp.einsum("secf,efd->secd", h, w_down, preferred_element_type=jnp.float32).astype(dt)
-    out = out.reshape(ep * El, C, -1)
+    out = out.reshape(ep * El, C, D)
     if expert_axis is not None:
         out = jax.lax.all_to_all(out, expert_axis, 0, 0, tiled=True)  # (E, C, D) by global expert again
-    y = jnp.einsum("nec,ecd->nd", combine.astype(dt), out, preferred_element_type=jnp.float32)
+    out = jnp.concatenate([out.reshape(E * C, D), jnp.zeros((1, D), dt)])  # (E*C + 1, D)
+    weights = jnp.where(kept, top_weights, 0.0).astype(jnp.float32)
+    y = jnp.einsum("nkd,nk->nd", out[dest], weights, preferred_element_type=jnp.float32)  # (N, D)
     return y, ~kept
 
 
