@@ -198,3 +198,29 @@ def test_bad_moe_config_is_a_one_line_error(overrides, message):
     with pytest.raises(ConfigError) as err:
         _cfg(*overrides)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_kv_cache_decoding_equals_the_full_forward():
+    from flax import nnx
+
+    from llmx.models.mixtral import Mixtral
+
+    cfg = _cfg("model.seq_len=32", "model.init_std=0.3", "model.moe_impl=ragged").model
+    model = Mixtral(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 9)), jnp.int32)
+    graphdef, params = nnx.split(model)
+    positions = jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32), (2, 9))
+    ones = jnp.ones((2, 9), jnp.int32)
+
+    @jax.jit
+    def run(params):
+        model = nnx.merge(graphdef, params)
+        full = model(tokens)  # (B, T, V)
+        prefill, cache = model.decode(tokens[:, :8], model.init_cache(2, 16), segment_ids=ones[:, :8],
+                                      positions=positions[:, :8], index=0)
+        step, _ = model.decode(tokens[:, 8:], cache, segment_ids=ones[:, 8:], positions=positions[:, 8:], index=8)
+        return full, prefill, step
+
+    full, prefill, step = run(params)
+    np.testing.assert_allclose(prefill, full[:, :8], atol=1e-5)
+    np.testing.assert_allclose(step[:, 0], full[:, 8], atol=1e-5)
