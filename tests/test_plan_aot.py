@@ -128,9 +128,10 @@ def test_moe_step_for_v5e_compiles_the_megablox_grouped_matmul():
     plan = run_plan(*MOE_AOT, "mesh.expert=2", "mesh.fsdp=2", "--target", "v5e:2x2")
     assert plan["kernels"]["experts"] == "megablox (model.moe_impl=auto)"
     # Mosaic calls in the scanned layer: splash's 3, and megablox's gmm for each of the 3 expert projections
-    # forward, a gmm and a tgmm for each backward (dropless expert parallelism: gather and reduce-scatter)
+    # forward, a gmm and a tgmm for each backward
     assert plan["custom_calls"]["tpu_custom_call"] == 3 + 3 * 3
-    assert plan["collectives"]["reduce-scatter"] > 0 and plan["memory"]["fits"]
+    # dropless expert parallelism: the routed rows out and back, forward and backward
+    assert plan["collectives"]["ragged-all-to-all"] >= 4 and plan["memory"]["fits"]
 
 
 @pytest.mark.aot_gpu
@@ -140,3 +141,6 @@ def test_moe_step_for_eight_h100_exchanges_tokens_by_all_to_all():
     assert plan["kernels"]["experts"] == "dense (model.moe_impl=auto)"
     assert plan["collectives"]["all-to-all"] >= 4  # dispatch and return, forward and backward, in the scanned layer
     assert plan["state_bytes"]["total"] == pytest.approx(plan["zero_expected_bytes"]["total"], rel=0.02)
+    dropless = run_plan(*MOE_AOT, "mesh.expert=4", "mesh.fsdp=2", "--target", "h100:1x1x8")
+    assert dropless["kernels"]["experts"] == "ragged (model.moe_impl=auto)"
+    assert dropless["collectives"]["ragged-all-to-all"] >= 4  # (the GPU compiler adds all-to-alls of the offsets)

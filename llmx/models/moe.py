@@ -13,9 +13,10 @@ Three ways to run the experts, chosen by `model.moe_impl` when the model is buil
 On a mesh the experts run inside a `shard_map` over all mesh axes: the tokens are split over the batch axes,
 the experts (E) over `expert`, each expert's hidden width (F) over `tensor` (partial sums, one psum). With
 mesh.expert > 1, tokens reach their experts' devices by `all_to_all` (dense: the dispatched (E, C, D) slots
-go out and come back, DeepSpeed-MoE and GShard's exchange); dropless (ragged, megablox) all-gathers the
-tokens over `expert`, runs the local experts on their assignments and reduce-scatters the sums back
-(XLA:CPU has no `ragged_all_to_all`, the exchange that would send only the routed tokens).
+go out and come back, DeepSpeed-MoE and GShard's exchange); dropless (ragged, megablox) sends each device
+exactly its experts' rows with `ragged_all_to_all` on TPU/GPU, and on CPU, where XLA does not implement
+that, all-gathers the assignments over `expert`, runs the local experts on theirs and reduce-scatters the
+sums back (`dropless_exchange`).
 
 Shapes: N tokens, D d_model, E experts, El experts on this device, k experts per token, C capacity, F expert
 hidden width.
@@ -116,32 +117,80 @@ def _megablox_dot(lhs, rhs, group_sizes):
     return out[:m]
 
 
+def _ffn_by_group(rows, group, w_gate, w_up, w_down, *, dot):
+    """The experts' SwiGLU on rows (M, D) of expert `group` (M,) in [0, El] (El: none of this device's),
+    by grouped matmuls over the rows sorted by group. -> (M, D) fp32 in the rows' order, zero for El."""
+    El, dt = w_gate.shape[0], rows.dtype
+    order = jnp.argsort(group, stable=True)
+    xs = rows[order]
+    group_sizes = jnp.bincount(group, length=El + 1)[:El]  # (El,); the El rows sort past the last group
+    h = _swiglu(dot(xs, w_gate, group_sizes), dot(xs, w_up, group_sizes), dt)  # (M, F)
+    out = jnp.where((group[order] < El)[:, None], dot(h, w_down, group_sizes), 0.0)  # (M, D)
+    return jnp.zeros_like(out).at[order].set(out)
+
+
 def _grouped(x, top_experts, top_weights, w_gate, w_up, w_down, *, cfg: ModelConfig, expert_axis, ep: int, dot):
     """Dropless (or capacity-limited) experts by grouped matmuls over the assignments sorted by expert."""
-    dt, k, El = x.dtype, cfg.experts_per_token, w_gate.shape[0]
-    _, kept = slots(top_experts, cfg.n_experts, capacity(x.shape[0], cfg))
-    dropped = ~kept  # of this device's tokens
-    first = 0
-    if expert_axis is not None:  # every device's tokens, for this device's experts
-        x, top_experts, top_weights, kept = (
-            jax.lax.all_gather(a, expert_axis, tiled=True) for a in (x, top_experts, top_weights, kept))
-        first = jax.lax.axis_index(expert_axis) * El
-    M = x.shape[0]
-    local = top_experts - first  # (M, k)
-    mine = kept & (local >= 0) & (local < El)
-    group = jnp.where(mine, local, El).reshape(-1)  # (M*k,): El sorts the others past the last group
-    order = jnp.argsort(group, stable=True)
-    token = (jnp.arange(M * k) // k)[order]  # (M*k,) the token of each sorted assignment
-    group_sizes = jnp.bincount(group, length=El + 1)[:El]  # (El,)
-    xs = x[token]  # (M*k, D)
-    h = _swiglu(dot(xs, w_gate, group_sizes), dot(xs, w_up, group_sizes), dt)  # (M*k, F)
-    out = dot(h, w_down, group_sizes)  # (M*k, D) fp32
-    weight = jnp.where(mine, top_weights, 0.0).reshape(-1)[order]  # (M*k,)
-    out = jnp.where(mine.reshape(-1)[order][:, None], out * weight[:, None], 0.0)
-    y = jnp.zeros((M, x.shape[1]), jnp.float32).at[token].add(out)  # (M, D)
-    if expert_axis is not None:  # the sums over every device's experts, each device keeping its tokens
-        y = jax.lax.psum_scatter(y, expert_axis, scatter_dimension=0, tiled=True)
-    return y, dropped
+    N, D = x.shape
+    k, El = cfg.experts_per_token, w_gate.shape[0]
+    _, kept = slots(top_experts, cfg.n_experts, capacity(N, cfg))
+    weights = jnp.where(kept, top_weights, 0.0).astype(jnp.float32)  # (N, k)
+    rows = jnp.repeat(x, k, axis=0)  # (N*k, D): row n*k + j is token n's j-th choice
+    group = jnp.where(kept, top_experts, cfg.n_experts).reshape(-1)  # (N*k,), n_experts: dropped
+    if expert_axis is None:
+        out = _ffn_by_group(rows, group, w_gate, w_up, w_down, dot=dot)
+    elif dropless_exchange(traced_platform()) == "all_gather":
+        out = _exchange_by_gather(rows, group, w_gate, w_up, w_down, axis=expert_axis, dot=dot)
+    else:
+        out = _exchange_ragged(rows, group, w_gate, w_up, w_down, axis=expert_axis, ep=ep, dot=dot)
+    y = jnp.einsum("nkd,nk->nd", out.reshape(N, k, D), weights)
+    return y, ~kept
+
+
+def dropless_exchange(platform: str) -> str:
+    """How assignments reach their experts' devices without a capacity: `ragged_all_to_all` (only the
+    routed rows travel), or on CPU, where XLA does not implement it, `all_gather` and reduce-scatter."""
+    return "all_gather" if platform == "cpu" else "ragged_all_to_all"
+
+
+def _exchange_by_gather(rows, group, w_gate, w_up, w_down, *, axis, dot):
+    """Every device's assignments gathered, this device's experts run on theirs, the sums reduce-scattered."""
+    El = w_gate.shape[0]
+    all_rows = jax.lax.all_gather(rows, axis, tiled=True)  # (ep*M, D)
+    local = jax.lax.all_gather(group, axis, tiled=True) - jax.lax.axis_index(axis) * El
+    local = jnp.where((local >= 0) & (local < El), local, El)
+    out = _ffn_by_group(all_rows, local, w_gate, w_up, w_down, dot=dot)  # zero where another device's
+    return jax.lax.psum_scatter(out, axis, scatter_dimension=0, tiled=True)  # (M, D)
+
+
+def _exchange_ragged(rows, group, w_gate, w_up, w_down, *, axis, ep: int, dot):
+    """Assignments sorted by expert travel to their experts' devices and back by `ragged_all_to_all`
+    (MaxText's dropless expert parallelism); the receive buffer holds the worst case, ep x M rows."""
+    M, D = rows.shape
+    El, E, dt = w_gate.shape[0], w_gate.shape[0] * ep, rows.dtype
+    me = jax.lax.axis_index(axis)
+    order = jnp.argsort(group, stable=True)  # by global expert; dropped (E) last
+    counts = jnp.bincount(group, length=E + 1)[:E]  # (E,)
+    send = counts.reshape(ep, El).sum(1)  # (ep,) rows for each device
+    send_offsets = jnp.cumsum(send) - send
+    table = jax.lax.all_gather(counts, axis).reshape(ep, ep, El)  # [source, device, local expert] rows
+    recv = table[:, me].sum(-1)  # (ep,) rows from each source
+    recv_offsets = jnp.cumsum(recv) - recv
+    before_me = (jnp.arange(ep) < me)[:, None]  # (ep, 1) sources before this one
+    land = (table.sum(-1) * before_me).sum(0)  # (ep,) where this device's slice lands on device j
+    received = ragged_all_to_all(rows[order], jnp.zeros((ep * M, D), dt), send_offsets, send, land, recv, axis_name=axis)
+    # Received rows run source by source, each source's by local expert.
+    sizes = table[:, me].reshape(-1)  # (ep*El,) in (source, expert) order
+    expert_of_row = jnp.repeat(jnp.tile(jnp.arange(El), ep), sizes, total_repeat_length=ep * M)
+    expert_of_row = jnp.where(jnp.arange(ep * M) < recv.sum(), expert_of_row, El)
+    out = _ffn_by_group(received, expert_of_row, w_gate, w_up, w_down, dot=dot).astype(dt)
+    # Back where they came from: to source j, at the offset its own slice for this device started.
+    back_land = (table.sum(-1) * (jnp.arange(ep) < me)[None, :]).sum(1)  # (ep,)
+    back = ragged_all_to_all(out, jnp.zeros((M, D), dt), recv_offsets, recv, back_land, send, axis_name=axis)
+    return jnp.zeros((M, D), dt).at[order].set(back).astype(jnp.float32)  # (M, D) in the rows' order
+
+
+ragged_all_to_all = jax.lax.ragged_all_to_all  # a seam: tests on CPU put an all-gather emulation here
 
 
 EXPERT_IMPLS = {
