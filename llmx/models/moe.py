@@ -110,11 +110,14 @@ def _megablox_dot(lhs, rhs, group_sizes):
 
     m, d, f = lhs.shape[0], lhs.shape[1], rhs.shape[2]
     tm = 128 if m >= 128 else -(-m // 8) * 8
-    rows = -(-m // tm) * tm  # the kernel tiles the rows: pad them (rows past the groups are never read)
-    lhs = jnp.pad(lhs, ((0, rows - m), (0, 0)))
+    rows = -(-m // tm) * tm  # the kernel tiles the rows: pad them
+    # The kernel leaves rows past the last group unwritten, forward and in its backward gmm: zero them on
+    # both sides (a `where` passes no cotangent to the rows it does not select).
+    valid = (jnp.arange(rows) < group_sizes.sum())[:, None]
+    lhs = jnp.where(valid, jnp.pad(lhs, ((0, rows - m), (0, 0))), 0)
     out = megablox.gmm(lhs, rhs, group_sizes.astype(jnp.int32), jnp.float32, (tm, min(128, d), min(128, f)),
                        interpret=traced_platform() != "tpu")
-    return out[:m]
+    return jnp.where(valid, out, 0.0)[:m]
 
 
 def _ffn_by_group(rows, group, w_gate, w_up, w_down, *, dot):
