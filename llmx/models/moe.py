@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 from llmx import axes
 from llmx.config import ModelConfig
 from llmx.errors import ConfigError
-from llmx.mesh import RULES, active_mesh, logical_to_spec, traced_platform
+from llmx.mesh import active_mesh, traced_platform
 from llmx.models.layers import normal_param
 
 
