@@ -27,6 +27,11 @@ MESH_AXES: tuple[MeshAxis, ...] = (
     MeshAxis("pipeline", splits_batch=False, role="pipeline stages: contiguous slices of the layer stack"),
     MeshAxis("data", splits_batch=True, role="pure data-parallel replicas"),
     MeshAxis("fsdp", splits_batch=True, shards_weights=True, role="the ZeRO/FSDP group: the batch is split over it too"),
+    # Expert parallelism (DeepSpeed-MoE, GShard): a mixture of experts' experts are split over it and tokens
+    # travel to their experts by all-to-all (`llmx.models.moe`); every other weight is the same on its
+    # devices, so it is a data-parallel axis for them, and ZeRO shards them over it as over fsdp.
+    MeshAxis("expert", splits_batch=True, shards_weights=True,
+             role="expert-parallel group: a mixture of experts' experts split over it, the batch too"),
     # Sequence (context) parallelism sits between fsdp and tensor, where MaxText puts its `context` axis:
     # inner axes get the nearest devices, and after tensor's all-reduce per matmul, attention's per-layer
     # K/V ring or all-to-all is the most frequent traffic; fsdp's weight gathers overlap with compute.

@@ -2,11 +2,11 @@
 train state it implies.
 
 Mesh axes come from `llmx.axes` (outermost first: `pipeline` stages, `data` pure replicas, `fsdp` the ZeRO
-group, `sequence` context parallelism, `tensor` Megatron). The batch is split over the batch axes (data,
-fsdp), each sequence over `sequence`; the layer stack over the pipeline stages (`llmx.pipeline`). The ZeRO
-stage decides which copies of the weights also split their `embed` axis over the ZeRO axes (fsdp,
-sequence) (Rajbhandari et al. 2020, ZeRO §5): stage 1 the
-optimizer state, stage 2 also the gradients, stage 3 also the parameters. With data > 1 that is hybrid
+group, `expert` expert parallelism, `sequence` context parallelism, `tensor` Megatron). The batch is split
+over the batch axes (data, fsdp, expert), each sequence over `sequence`; the layer stack over the pipeline
+stages (`llmx.pipeline`); a mixture of experts' experts over `expert`. The ZeRO stage decides which copies of
+the weights also split their `embed` axis over the ZeRO axes (fsdp, expert, sequence) (Rajbhandari et al.
+2020, ZeRO §5): stage 1 the optimizer state, stage 2 also the gradients, stage 3 also the parameters. With data > 1 that is hybrid
 sharding: ZeRO inside a group, replicas across groups (DeepSpeed's MiCS / hpZ).
 """
 
@@ -42,6 +42,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "vocab": "tensor",
     "layers": "pipeline",
+    "experts": "expert",  # a mixture of experts' stacked experts (llmx.models.moe)
 }
 
 WEIGHT_ROLES = ("params", "grads", "opt_state")

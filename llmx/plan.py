@@ -24,6 +24,7 @@ from collections import Counter
 
 import jax
 import numpy as np
+from flax import nnx
 
 from llmx import attention as attention_lib
 from llmx import axes
@@ -38,9 +39,10 @@ from llmx.config import Config
 from llmx.errors import ConfigError
 from llmx.flops import flops_per_token
 from llmx.mesh import abstract_with_shardings
+from llmx.models import moe
 from llmx.step import Steps, build_steps
 
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all", "collective-permute")
 _COLLECTIVE_RE = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 
 
@@ -71,7 +73,10 @@ def kernels(cfg: Config, mesh) -> dict[str, str]:
         optimizer = f"Pallas {cfg.optim.name} kernel ({PALLAS_LOWERING.get(platform, platform)}, compiled)"
     else:
         optimizer = f"jnp reference of the Pallas {cfg.optim.name} kernel (Pallas only interprets on {platform})"
-    return {"attention": f"{attention} (model.attention={cfg.model.attention})", "optimizer": optimizer}
+    out = {"attention": f"{attention} (model.attention={cfg.model.attention})", "optimizer": optimizer}
+    if cfg.model.family == "mixtral":
+        out["experts"] = f"{moe.resolve_impl(cfg.model, platform)} (model.moe_impl={cfg.model.moe_impl})"
+    return out
 
 
 def per_device_bytes(tree) -> int:
@@ -111,16 +116,36 @@ class StateMemory:
 
 def zero_expectation(
     *, params: int, grads: int, opt_state: int, zero_stage: int, zero_group: int, tensor: int,
-    pipeline: int = 1, stack_share: float = 1.0,
+    pipeline: int = 1, stack_share: float = 1.0, expert: int = 1, expert_share: float = 0.0,
 ):
     """ZeRO §5.1 per device: stage 1 splits the optimizer state K·Psi over the N = `zero_group` devices
     (fsdp x sequence: `llmx.axes.ZERO_AXES`), stage 2
     also the gradients, stage 3 also the parameters; tensor parallelism splits everything by T
     (Megatron; norm scales, replicated there, are a rounding error); pipeline stages split the layer
-    stack, `stack_share` of the bytes (the embedding and output projection stay on every stage)."""
+    stack, `stack_share` of the bytes (the embedding and output projection stay on every stage). A mixture
+    of experts' stacked experts, `expert_share` of the bytes, are split over `expert` at every stage (the
+    ZeRO group, which includes the expert axis, then splits them no further than the rest)."""
     stages = stack_share / pipeline + (1 - stack_share)
-    split = lambda nbytes, from_stage: nbytes * stages / tensor / (zero_group if zero_stage >= from_stage else 1)  # noqa: E731
+
+    def split(nbytes, from_stage):
+        if zero_stage >= from_stage:
+            return nbytes * stages / tensor / zero_group
+        return nbytes * stages / tensor * (expert_share / expert + 1 - expert_share)
     return split(params, 3), split(grads, 2), split(opt_state, 1)
+
+
+def expert_bytes(abstract_params) -> int:
+    """Bytes of the parameters stacked on the `experts` logical axis (a mixture of experts' experts)."""
+    total = 0
+
+    def visit(spec, value):
+        nonlocal total
+        if "experts" in tuple(spec):
+            total += _total_bytes(value)
+        return spec
+
+    jax.tree.map(visit, nnx.get_partition_spec(abstract_params), abstract_params)  # as mesh.weight_shardings
+    return total
 
 
 def state_memory(cfg: Config, steps: Steps) -> StateMemory:
@@ -137,6 +162,8 @@ def state_memory(cfg: Config, steps: Steps) -> StateMemory:
         tensor=steps.mesh.shape["tensor"],
         pipeline=steps.mesh.shape["pipeline"],
         stack_share=pipeline_lib.stack_bytes(params) / _total_bytes(params),
+        expert=steps.mesh.shape["expert"],
+        expert_share=expert_bytes(steps.abstract_state.params) / _total_bytes(params),
     )
     return StateMemory(
         n_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),

@@ -50,7 +50,23 @@ class TrainState:
 
 def loss_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: dict) -> tuple[jax.Array, jax.Array]:
     """(sum of target-token cross-entropies, number of target tokens) for a (B, T) batch."""
+    return _cross_entropy_sums(nnx.merge(graphdef, params), batch)
+
+
+def objective_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: dict) -> tuple[jax.Array, tuple]:
+    """(the sum that is differentiated, (cross-entropy sum, family metrics)) for a (B, T) batch: a family
+    with auxiliary losses (a mixture of experts' load balancing) adds its penalty x target tokens, so the
+    step's mean over tokens adds the penalty; the others differentiate the cross-entropy sum itself."""
     model = nnx.merge(graphdef, params)
+    loss_sum, n_tokens = _cross_entropy_sums(model, batch)
+    auxiliary = models.get(model.cfg.family).auxiliary
+    if auxiliary is None:
+        return loss_sum, (loss_sum, {})
+    penalty, metrics = auxiliary(model)
+    return loss_sum + penalty * n_tokens, (loss_sum, metrics)
+
+
+def _cross_entropy_sums(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
     logits = model(batch["inputs"], batch["segment_ids"], batch["positions"])  # (B, T, V) fp32
     logp = jax.nn.log_softmax(logits, axis=-1)
     # A one-hot contraction instead of a gather keeps vocab-parallel logits local to each shard.
@@ -59,26 +75,27 @@ def loss_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: dict) -> tuple[j
     return -(target_logp * mask).sum(), mask.sum()
 
 
-def accumulate_by_scan(grad_fn: Callable, params, batch: dict, grad_shardings) -> tuple[Any, jax.Array]:
-    """(summed gradients, summed loss) of the (A, B, T) batch, one micro-batch after another (`lax.scan`)."""
+def accumulate_by_scan(grad_fn: Callable, params, batch: dict, grad_shardings) -> tuple[Any, Any]:
+    """(summed gradients, summed aux: loss and metrics) of the (A, B, T) batch, one micro-batch after
+    another (`lax.scan`)."""
 
     def accumulate(grad_sum, micro_batch):
-        (_, loss_sum), grads = grad_fn(params, micro_batch)
+        (_, aux), grads = grad_fn(params, micro_batch)
         grads = jax.lax.with_sharding_constraint(grads, grad_shardings)  # ZeRO-2: reduce-scatter here
-        return jax.tree.map(jnp.add, grad_sum, grads), loss_sum
+        return jax.tree.map(jnp.add, grad_sum, grads), aux
 
     zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), grad_shardings)
-    grad_sum, micro_losses = jax.lax.scan(accumulate, zeros, batch)
-    return grad_sum, micro_losses.sum()
+    grad_sum, micro_aux = jax.lax.scan(accumulate, zeros, batch)
+    return grad_sum, jax.tree.map(lambda a: a.sum(0), micro_aux)
 
 
-def accumulate_in_one_pass(grad_fn: Callable, params, batch: dict, grad_shardings) -> tuple[Any, jax.Array]:
-    """(gradients, loss) of the (A, B, T) batch in one forward and backward pass over all its rows: a
+def accumulate_in_one_pass(grad_fn: Callable, params, batch: dict, grad_shardings) -> tuple[Any, Any]:
+    """(gradients, aux) of the (A, B, T) batch in one forward and backward pass over all its rows: a
     pipelined mesh streams the A micro-batches through its stages (`llmx.pipeline`). Rows are laid out
     b*A + a, so each device keeps its own rows and micro-batch a is every A-th row."""
     rows = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1).reshape(-1, a.shape[-1]), batch)  # (A, B, T) -> (B*A, T)
-    (_, loss_sum), grads = grad_fn(params, rows)
-    return jax.lax.with_sharding_constraint(grads, grad_shardings), loss_sum
+    (_, aux), grads = grad_fn(params, rows)
+    return jax.lax.with_sharding_constraint(grads, grad_shardings), aux
 
 
 def train_step(
@@ -103,11 +120,12 @@ def train_step(
     trainable, frozen = partition.split(state.params)  # LoRA: (adapters, frozen base); else (all, None)
 
     def scaled_loss(trainable, micro_batch):
-        loss_sum, _ = loss_sums(partition.merge(trainable, frozen), graphdef, micro_batch)
-        return loss_sum * pre, loss_sum
+        objective_sum, aux = objective_sums(partition.merge(trainable, frozen), graphdef, micro_batch)
+        return objective_sum * pre, aux
 
     grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
-    grad_sum, loss_sum = accumulate(grad_fn, trainable, batch, grad_shardings)
+    grad_sum, (loss_sum, family_metrics) = accumulate(grad_fn, trainable, batch, grad_shardings)
+    n_micro = batch["loss_mask"].shape[0]  # family metrics: the mean over micro-batches
     grads = jax.tree.map(lambda g: g * post, grad_sum)
     old_opt_state = opt_state_to_device(state.opt_state)  # mesh.offload_optimizer: host -> device
     updates, opt_state = tx.update(grads, old_opt_state, trainable)
@@ -130,6 +148,7 @@ def train_step(
         "tokens": n_tokens,
         "skipped_steps": skipped_steps,
         **scaler.metrics(loss_scale),
+        **{name: value / n_micro for name, value in family_metrics.items()},
     }
     new_state = TrainState(
         step=state.step + 1, params=params, opt_state=opt_state, skipped_steps=skipped_steps, loss_scale=loss_scale

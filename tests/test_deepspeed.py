@@ -190,18 +190,18 @@ def test_precedence_llmx_config_then_ds_config_then_command_line(tmp_path):
 
 def test_mapping_of_mesh_precision_optimizer_and_checkpointing():
     hpz = translated({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 4}})
-    assert mesh_shape(hpz.mesh, 8) == {"pipeline": 1, "data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
+    assert mesh_shape(hpz.mesh, 8) == {"pipeline": 1, "data": 2, "fsdp": 4, "expert": 1, "sequence": 1, "tensor": 1}
     assert hpz.mesh.zero_stage == 3
     mics = translated({"zero_optimization": {"stage": 3, "mics_shard_size": 2}})
-    assert mesh_shape(mics.mesh, 8) == {"pipeline": 1, "data": 4, "fsdp": 2, "sequence": 1, "tensor": 1}
+    assert mesh_shape(mics.mesh, 8) == {"pipeline": 1, "data": 4, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 1}
     plain = translated({"zero_optimization": {"stage": 0}}, "mesh.fsdp=8")  # the command line still wins
     assert (plain.mesh.zero_stage, plain.mesh.fsdp) == (0, 8)
     assert translated({}).mesh.zero_stage == 0 and mesh_shape(translated({}).mesh, 8)["data"] == 8
     tp = translated({"zero_optimization": {"stage": 1}, "tensor_parallel": {"autotp_size": 2}})
-    assert mesh_shape(tp.mesh, 8) == {"pipeline": 1, "data": 1, "fsdp": 4, "sequence": 1, "tensor": 2}
+    assert mesh_shape(tp.mesh, 8) == {"pipeline": 1, "data": 1, "fsdp": 4, "expert": 1, "sequence": 1, "tensor": 2}
     ulysses = translated({"zero_optimization": {"stage": 3}, "sequence_parallel_size": 4, "train_batch_size": 4},
                          "model.seq_len=64")
-    assert mesh_shape(ulysses.mesh, 8) == {"pipeline": 1, "data": 1, "fsdp": 2, "sequence": 4, "tensor": 1}
+    assert mesh_shape(ulysses.mesh, 8) == {"pipeline": 1, "data": 1, "fsdp": 2, "expert": 1, "sequence": 4, "tensor": 1}
     assert (ulysses.mesh.sequence_strategy, ulysses.train.micro_batch_size) == ("ulysses", 2)  # 2 data-parallel ranks
     assert translated({"zero_optimization": {"stage": 2, "cpu_offload": True}}).mesh.offload_optimizer
     static = translated({"fp16": {"enabled": True, "loss_scale": 128, "initial_scale_power": 12,

@@ -84,13 +84,17 @@ FAULTS: dict[str, Fault] = {
     "unknown key": Fault(lambda w: ["model.d_modle=64"], "unknown config key 'model.d_modle'"),
     "wrong type": Fault(lambda w: ["train.micro_batch_size=big"], "train.micro_batch_size='big' has the wrong type"),
     "mesh 3x3 on 8 devices": Fault(lambda w: ["mesh.data=3", "mesh.fsdp=3"],
-                                   "data=3xfsdp=3xsequence=1xtensor=1 has 9 devices but 8"),
+                                   "data=3xfsdp=3xexpert=1xsequence=1xtensor=1 has 9 devices but 8"),
     # Pipeline arithmetic (llmx.pipeline): the small model has 2 layers.
     "layers not dividing the pipeline": Fault(
         lambda w: ["mesh.pipeline=4", "train.grad_accum_steps=4"],
         "model.n_layers=2 is not divisible by mesh.pipeline 4 x mesh.pipeline_repeats 1 = 4"),
     "fewer micro-batches than stages": Fault(lambda w: ["mesh.pipeline=2", "train.grad_accum_steps=1"],
                                              "train.grad_accum_steps=1 is smaller than mesh.pipeline=2"),
+    # A mixture of experts (llmx.models.moe; the other MoE errors: tests/test_moe.py, in process).
+    "more experts per token than experts": Fault(
+        lambda w: ["model.family=mixtral", "model.n_experts=4", "model.experts_per_token=5"],
+        "model.experts_per_token=5 exceeds model.n_experts=4"),
     "zero layers": Fault(lambda w: ["model.n_layers=0"], "model.n_layers=0 is out of range"),
     "heads not dividing d_model": Fault(lambda w: ["model.n_heads=3"],
                                         "model.n_heads=3 does not divide model.d_model=32"),

@@ -114,3 +114,33 @@ def test_a_target_without_its_extra_names_the_extra(subprocess_env):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: --target v5e:2x2 needs the tpu extra: pip install -e '.[tpu]'"
+
+
+# A small bf16 mixtral (8 experts, top-2): the MoE train step as the target would run it.
+MOE_AOT = ["model.family=mixtral", "model.vocab_size=512", "model.d_model=256", "model.n_layers=2", "model.n_heads=4",
+           "model.n_kv_heads=2", "model.moe_d_ff=512", "model.seq_len=256", "model.n_experts=8",
+           "train.micro_batch_size=2", "train.precision=bf16", "mesh.data=1", "mesh.zero_stage=3"]
+
+
+@pytest.mark.aot_tpu
+def test_moe_step_for_v5e_compiles_the_megablox_grouped_matmul():
+    needs_extra("libtpu", "tpu")
+    plan = run_plan(*MOE_AOT, "mesh.expert=2", "mesh.fsdp=2", "--target", "v5e:2x2")
+    assert plan["kernels"]["experts"] == "megablox (model.moe_impl=auto)"
+    # Mosaic calls in the scanned layer: splash's 3, and megablox's gmm for each of the 3 expert projections
+    # forward, a gmm and a tgmm for each backward
+    assert plan["custom_calls"]["tpu_custom_call"] == 3 + 3 * 3
+    # dropless expert parallelism: the routed rows out and back, forward and backward
+    assert plan["collectives"]["ragged-all-to-all"] >= 4 and plan["memory"]["fits"]
+
+
+@pytest.mark.aot_gpu
+def test_moe_step_for_eight_h100_exchanges_tokens_by_all_to_all():
+    needs_extra("jax_plugins.xla_cuda12", "gpu")
+    plan = run_plan(*MOE_AOT, "mesh.expert=4", "mesh.fsdp=2", "model.moe_capacity_factor=1.25", "--target", "h100:1x1x8")
+    assert plan["kernels"]["experts"] == "dense (model.moe_impl=auto)"
+    assert plan["collectives"]["all-to-all"] >= 4  # dispatch and return, forward and backward, in the scanned layer
+    assert plan["state_bytes"]["total"] == pytest.approx(plan["zero_expected_bytes"]["total"], rel=0.02)
+    dropless = run_plan(*MOE_AOT, "mesh.expert=4", "mesh.fsdp=2", "--target", "h100:1x1x8")
+    assert dropless["kernels"]["experts"] == "ragged (model.moe_impl=auto)"
+    assert dropless["collectives"]["ragged-all-to-all"] >= 4  # (the GPU compiler adds all-to-alls of the offsets)

@@ -36,7 +36,7 @@ def _field(default, *, choices=None, min=None, max=None, help=""):
 class ModelConfig:
     # The names of llmx.models.FAMILIES (this module cannot import the models, which import it; a test
     # keeps the two equal).
-    family: str = _field("llama", choices=("llama",), help="model family (llmx.models): module, FLOPs, HF mapping")
+    family: str = _field("llama", choices=("llama", "mixtral"), help="model family (llmx.models): module, FLOPs, HF mapping")
     vocab_size: int = _field(384, min=1, help="embedding rows; at least the tokenizer's vocabulary")
     d_model: int = _field(256, min=1, help="residual width")
     n_layers: int = _field(4, min=1, help="decoder blocks")
@@ -73,6 +73,21 @@ class ModelConfig:
         "wq,wk,wv,wo", help="comma-separated projections that get adapters: wq, wk, wv, wo, w_gate, w_up, w_down, or 'all'"
     )
 
+    n_experts: int = _field(8, min=1, help="mixtral: experts per block (E)")
+    experts_per_token: int = _field(2, min=1, help="mixtral: experts each token is routed to (top-k, weights renormalised)")
+    moe_d_ff: int = _field(0, min=0, help="mixtral: SwiGLU hidden width of each expert (0: model.d_ff)")
+    moe_capacity_factor: float = _field(
+        -1.0, help="mixtral: expert capacity = factor x tokens x k / E per device, overflow dropped (-1: dropless)"
+    )
+    moe_impl: str = _field(
+        "auto", choices=("auto", "ragged", "megablox", "dense"),
+        help="mixtral experts: ragged (lax.ragged_dot on tokens sorted by expert), megablox (Pallas grouped "
+        "matmul; TPU, interpreted elsewhere), dense (capacity dispatch/combine einsums, all-to-all over "
+        "mesh.expert); auto: dense with a capacity factor, else megablox on TPU, ragged elsewhere",
+    )
+    router_aux_loss_coef: float = _field(0.01, min=0.0, help="mixtral: weight of the load-balancing loss (Switch / Mixtral)")
+    router_z_loss_coef: float = _field(0.0, min=0.0, help="mixtral: weight of the router z-loss (ST-MoE)")
+
     quantization: str = _field(
         "none",
         choices=("none", "int8", "fp8"),
@@ -108,6 +123,8 @@ class ModelConfig:
             raise ConfigError(
                 f"head dimension d_model/n_heads={self.head_dim} must be even for rotary embeddings"
             )
+        if self.family == "mixtral":
+            self._validate_moe()
         if self.lora_rank:
             unknown = [t for t in self.lora_target_names if t not in LORA_TARGETS]
             if unknown or not self.lora_target_names:
@@ -115,6 +132,27 @@ class ModelConfig:
                     f"model.lora_targets={self.lora_targets!r}: {', '.join(map(repr, unknown)) or 'no projection'} "
                     f"is not a projection of the model; choose from {', '.join(LORA_TARGETS)} or 'all'"
                 )
+
+    @property
+    def expert_d_ff(self) -> int:
+        """The SwiGLU hidden width of each expert (model.moe_d_ff, or model.d_ff when 0)."""
+        return self.moe_d_ff or self.d_ff
+
+    def _validate_moe(self) -> None:
+        if self.experts_per_token > self.n_experts:
+            raise ConfigError(
+                f"model.experts_per_token={self.experts_per_token} exceeds model.n_experts={self.n_experts}; "
+                f"route each token to at most {self.n_experts} experts"
+            )
+        if self.moe_capacity_factor != -1 and self.moe_capacity_factor <= 0:
+            raise ConfigError(
+                f"model.moe_capacity_factor={self.moe_capacity_factor} must be > 0, or -1 for dropless routing"
+            )
+        for key, value, off in (("quantization", self.quantization, "none"), ("weight_format", self.weight_format, "float")):
+            if value != off:
+                raise ConfigError(f"model.{key}={value} is not implemented for model.family=mixtral; set model.{key}={off}")
+        if self.lora_rank:
+            raise ConfigError("model.lora_rank > 0 is not implemented for model.family=mixtral; set model.lora_rank=0")
 
     @property
     def lora_target_names(self) -> tuple[str, ...]:
@@ -237,6 +275,10 @@ class MeshConfig:
     pipeline: int = _field(1, min=-1, help="pipeline stages: the layer stack split over devices, micro-batches streamed through")
     data: int = _field(-1, min=-1, help="pure data-parallel replicas (-1: the devices left over)")
     fsdp: int = _field(1, min=-1, help="ZeRO/FSDP group size: batch is split over it too (-1: fill)")
+    expert: int = _field(
+        1, min=-1, help="expert-parallel group: model.n_experts split over it, tokens exchanged by all-to-all; "
+        "the batch is split over it too (-1: fill)"
+    )
     sequence: int = _field(
         1, min=-1, help="sequence (context) parallel group: every sequence is split over it, weights too by ZeRO (-1: fill)"
     )
@@ -281,7 +323,7 @@ class TrainConfig:
     micro_batch_size: int = _field(8, min=1, help="sequences per data-parallel replica per micro-step")
     grad_accum_steps: int = _field(1, min=1, help="micro-batches accumulated into one optimizer step")
     global_batch_size: int = _field(
-        0, min=0, help="if set, must equal micro_batch_size x grad_accum_steps x (mesh.data x mesh.fsdp)"
+        0, min=0, help="if set, must equal micro_batch_size x grad_accum_steps x (mesh.data x mesh.fsdp x mesh.expert)"
     )
     log_every: int = _field(10, min=1, help="steps between metric lines")
     eval_every: int = _field(100, min=0, help="steps between validation passes (0: only at the end)")
@@ -399,8 +441,23 @@ class Config:
             raise ConfigError(
                 "checkpoint.adapters_only=true needs model.lora_rank > 0 and checkpoint.restore_from (the frozen base)"
             )
+        if self.model.family == "mixtral":
+            self._check_moe_mesh()
         if self.mesh.pipeline != -1:  # -1 is checked once the mesh is built (llmx.step.build_steps)
             self.check_pipeline(self.mesh.pipeline)
+
+    def _check_moe_mesh(self) -> None:
+        """What a mixture of experts needs of the mesh and the rest of the run (-1 sizes: `llmx.models.moe`)."""
+        m, expert = self.model, self.mesh.expert
+        if expert > 0 and m.n_experts % expert:
+            raise ConfigError(
+                f"model.n_experts={m.n_experts} is not divisible by mesh.expert={expert}; use a divisor of {m.n_experts}"
+            )
+        for axis in ("pipeline", "sequence"):
+            if getattr(self.mesh, axis) not in (1,):
+                raise ConfigError(f"mesh.{axis}={getattr(self.mesh, axis)} is not implemented for model.family=mixtral; set mesh.{axis}=1")
+        if self.optim.prune_method != "none":
+            raise ConfigError("optim.prune_method is not implemented for model.family=mixtral; set optim.prune_method=none")
 
     def check_pipeline(self, stages: int) -> None:
         """The pipeline's arithmetic for `stages` stages (llmx.pipeline): the layers split evenly into

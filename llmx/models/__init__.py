@@ -8,12 +8,12 @@ choices (a test keeps the two equal) and whatever config fields it adds.
 from __future__ import annotations
 
 from llmx.errors import ConfigError
-from llmx.models import llama
+from llmx.models import llama, mixtral
 from llmx.models.family import Family, HFMapping, HFTensors
 
 __all__ = ["FAMILIES", "Family", "HFMapping", "HFTensors", "for_hf_model_type", "get"]
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (llama.FAMILY,)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (llama.FAMILY, mixtral.FAMILY)}
 
 
 def get(name: str) -> Family:

@@ -7,10 +7,10 @@ The module `build` returns is what the trainer, the evaluator and the generator 
   - `init_cache(batch_size, max_len) -> cache` and `decode(tokens (B, T), cache, *, segment_ids, positions,
     index) -> (logits (B, T, V), cache)` for KV-cached generation (any pytree as the cache);
   - parameters under logical axis names (`llmx.mesh` rules), layers stacked on a leading `layers` axis.
-Designed for, not yet built: a family whose forward has more to say than logits (a mixture of experts'
-load-balancing and router losses) sows those values as `nnx.Intermediate`s at the model's top level (a
-per-layer value leaves the layer stack as a `run_layers` output), so the forward's signature and its
-callers stay as they are, and `llmx.step.loss_sums` pops and adds them (Llama has none to add).
+A family whose forward has more to say than logits (a mixture of experts' load-balancing and router
+losses) sows those values as `nnx.Intermediate`s at the model's top level (a per-layer value leaves the
+layer stack as a `run_layers` output), so the forward's signature and its callers stay as they are; its
+`auxiliary` turns them into a penalty that `llmx.step` adds to the loss, and metrics (Llama has none).
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ class HFTensors:
             raise CheckpointError(f"tensor {name} has shape {tuple(self._tensors[name].shape)}; the config implies {shape}")
         self._taken.add(name)
         return self._tensors[name]
+
+    def has(self, name: str) -> bool:
+        return name in self._tensors
 
     def skip(self, name: str) -> None:
         """A tensor the family knowingly leaves unread (a tied checkpoint's copy of the embedding)."""
@@ -80,3 +83,5 @@ class Family:
     # The module's __call__ runs its layers through `layers.run_stack` with every per-row value in the
     # carry and has nothing else to return, so a pipelined mesh can split the stack into stages.
     pipelines: bool = False
+    # model (after a forward) -> (penalty added to the mean loss, {metric: value}); None: nothing to add
+    auxiliary: Callable[[nnx.Module], tuple[Any, dict]] | None = None

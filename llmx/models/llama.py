@@ -10,6 +10,8 @@ Shapes as in `llmx.models.layers`.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +52,8 @@ class Block(nnx.Module):
 
 
 class Llama(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, block=Block):
+        # `block`: the decoder block's class (a family that changes only the block passes its own)
         pd = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
         self.embed = normal_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), std=cfg.init_std, dtype=pd)
@@ -58,7 +61,7 @@ class Llama(nnx.Module):
         @nnx.split_rngs(splits=cfg.n_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(rngs):
-            return Block(cfg, rngs=rngs)
+            return block(cfg, rngs=rngs)
 
         self.blocks = make_blocks(rngs)  # every Param has a leading (L,) axis
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
@@ -213,14 +216,29 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 def params_from_hf(tensors: HFTensors, cfg: ModelConfig) -> dict:
     """The nested dict of llmx parameters (as `nnx.to_pure_dict` gives) from HF tensors."""
-    D, H, K, Dh, L = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
-    F, V = cfg.d_ff, cfg.vocab_size
+    D, F = cfg.d_model, cfg.d_ff
+    params = shared_params_from_hf(tensors, cfg)
+    params["blocks"]["mlp"] = {
+        "w_gate": hf_layers(tensors, cfg, "mlp.gate_proj.weight", (F, D), lambda w: w.T),  # (L, D, F)
+        "w_up": hf_layers(tensors, cfg, "mlp.up_proj.weight", (F, D), lambda w: w.T),
+        "w_down": hf_layers(tensors, cfg, "mlp.down_proj.weight", (D, F), lambda w: w.T),  # (L, F, D)
+    }
+    return params
+
+
+def hf_layers(tensors: HFTensors, cfg: ModelConfig, suffix: str, shape, convert):
+    """(L, ...) from model.layers.{i}.<suffix>, each converted to llmx's layout."""
+    return np.stack([
+        convert(tensors.take(f"model.layers.{i}.{suffix}", shape)) for i in range(cfg.n_layers)
+    ]).astype(jnp.dtype(cfg.param_dtype))
+
+
+def shared_params_from_hf(tensors: HFTensors, cfg: ModelConfig) -> dict:
+    """Everything but the MLP: embedding, attention, norms and output (Llama-attention families share it)."""
+    D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    V = cfg.vocab_size
     dtype = jnp.dtype(cfg.param_dtype)
-
-    def layers(suffix, shape, convert):
-        # (L, ...) from model.layers.{i}.<suffix>, each converted to llmx's layout
-        return np.stack([convert(tensors.take(f"model.layers.{i}.{suffix}", shape)) for i in range(L)]).astype(dtype)
-
+    layers = functools.partial(hf_layers, tensors, cfg)
     params = {
         "embed": tensors.take("model.embed_tokens.weight", (V, D)).astype(dtype),  # (V, D)
         "blocks": {
@@ -232,11 +250,6 @@ def params_from_hf(tensors: HFTensors, cfg: ModelConfig) -> dict:
                 "wo": layers("self_attn.o_proj.weight", (D, H * Dh), lambda w: w.T.reshape(H, Dh, D)),
             },
             "mlp_norm": {"scale": layers("post_attention_layernorm.weight", (D,), lambda w: w)},
-            "mlp": {
-                "w_gate": layers("mlp.gate_proj.weight", (F, D), lambda w: w.T),  # (L, D, F)
-                "w_up": layers("mlp.up_proj.weight", (F, D), lambda w: w.T),
-                "w_down": layers("mlp.down_proj.weight", (D, F), lambda w: w.T),  # (L, F, D)
-            },
         },
         "final_norm": {"scale": tensors.take("model.norm.weight", (D,)).astype(dtype)},
     }
@@ -249,21 +262,30 @@ def params_from_hf(tensors: HFTensors, cfg: ModelConfig) -> dict:
 
 def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """HF tensor names -> arrays from a nested dict of numpy parameters (inverse of `params_from_hf`)."""
+    out = shared_params_to_hf(params, cfg)
+    mlp = params["blocks"]["mlp"]
+    for i in range(cfg.n_layers):
+        prefix = f"model.layers.{i}."
+        out[prefix + "mlp.gate_proj.weight"] = mlp["w_gate"][i].T  # (F, D)
+        out[prefix + "mlp.up_proj.weight"] = mlp["w_up"][i].T
+        out[prefix + "mlp.down_proj.weight"] = mlp["w_down"][i].T  # (D, F)
+    return out
+
+
+def shared_params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Inverse of `shared_params_from_hf`."""
     D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     blocks = params["blocks"]
     out = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["final_norm"]["scale"]}
     for i in range(cfg.n_layers):
         prefix = f"model.layers.{i}."
-        attn, mlp = blocks["attn"], blocks["mlp"]
+        attn = blocks["attn"]
         out[prefix + "input_layernorm.weight"] = blocks["attn_norm"]["scale"][i]
         out[prefix + "post_attention_layernorm.weight"] = blocks["mlp_norm"]["scale"][i]
         out[prefix + "self_attn.q_proj.weight"] = attn["wq"][i].reshape(D, H * Dh).T  # (H*Dh, D)
         out[prefix + "self_attn.k_proj.weight"] = attn["wk"][i].reshape(D, K * Dh).T
         out[prefix + "self_attn.v_proj.weight"] = attn["wv"][i].reshape(D, K * Dh).T
         out[prefix + "self_attn.o_proj.weight"] = attn["wo"][i].reshape(H * Dh, D).T  # (D, H*Dh)
-        out[prefix + "mlp.gate_proj.weight"] = mlp["w_gate"][i].T  # (F, D)
-        out[prefix + "mlp.up_proj.weight"] = mlp["w_up"][i].T
-        out[prefix + "mlp.down_proj.weight"] = mlp["w_down"][i].T  # (D, F)
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = params["unembed"].T  # (V, D)
     return out
