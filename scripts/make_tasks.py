@@ -3,9 +3,13 @@ ones read this interpreter's standard library). The files are committed; rerun t
 
     python scripts/make_tasks.py
 
-- reverse/: string reversal, generation with exact match (`llmx_reverse`), and its training records
-  for supervised fine-tuning (`configs/sft_tiny.yaml`): lowercase words of 3-6 letters, no test word in
-  the training set.
+- upper/: upper-casing a random 5-letter lowercase word, generation with exact match (`llmx_upper`), and
+  its training records for supervised fine-tuning (`configs/sft_tiny.yaml`); no test word in the training
+  set. One fixed length, so every answer letter sits at the same distance from its source letter: the
+  tiny model learns this copy-and-map within a few hundred steps on a CPU (it did not learn reversal of
+  3-6 letter words in 600: the answer's letters move by a word-length-dependent distance).
+- reverse/: string reversal, generation with exact match (`llmx_reverse`), and its training records:
+  lowercase words of 3-6 letters, no test word in the training set.
 - add/: two-number addition (`llmx_add`), generation with exact match, with training records.
 - keyword/: which standard-library module a docstring's first line comes from, of four
   (`llmx_keyword`, multiple choice), with training records.
@@ -39,6 +43,17 @@ def reverse_task(rng: random.Random) -> None:
     record = lambda w: {"prompt": f"reverse {w} =", "completion": f" {w[::-1]}"}  # noqa: E731
     write_jsonl(ROOT / "reverse" / "test.jsonl", [record(w) for w in words[:200]])
     write_jsonl(ROOT / "reverse" / "train.jsonl", [record(w) for w in words[200:]])
+
+
+def upper_task(rng: random.Random) -> None:
+    words = set()
+    while len(words) < 6000:
+        words.add("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(5)))
+    words = sorted(words)
+    rng.shuffle(words)
+    record = lambda w: {"prompt": f"upper {w} =", "completion": f" {w.upper()}"}  # noqa: E731
+    write_jsonl(ROOT / "upper" / "test.jsonl", [record(w) for w in words[:200]])
+    write_jsonl(ROOT / "upper" / "train.jsonl", [record(w) for w in words[200:]])
 
 
 def add_task(rng: random.Random) -> None:
@@ -95,7 +110,7 @@ def perplexity_task(rng: random.Random) -> None:
 
 
 def main() -> None:
-    for make in (reverse_task, add_task, keyword_task, perplexity_task):
+    for make in (upper_task, reverse_task, add_task, keyword_task, perplexity_task):
         make(random.Random(f"llmx-{make.__name__}"))
     for path in sorted(ROOT.rglob("*.jsonl")):
         print(f"{path.relative_to(ROOT.parent.parent)}: {sum(1 for _ in path.open())} records")

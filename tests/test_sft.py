@@ -219,6 +219,26 @@ def test_folds_partition_the_records_and_the_summary_gives_mean_and_std(tmp_path
     assert s["tasks/t/acc"]["mean"] == pytest.approx(0.6) and s["tasks/t/acc"]["std"] == pytest.approx(0.1414213, rel=1e-5)
 
 
+def test_shipped_generation_tasks_hold_out_items_never_trained_on():
+    """configs/sft_tiny.yaml fine-tunes on a task's train split and scores its test split: disjoint prompts."""
+    import yaml
+
+    sft = config_lib.load(REPO / "configs/sft_tiny.yaml", [])
+    checked = set()
+    for spec_file in sorted((REPO / "configs/tasks").glob("llmx_*.yaml")):
+        spec = yaml.safe_load(spec_file.read_text())
+        if spec.get("output_type") != "generate_until":
+            continue
+        files = {split: spec_file.parent / f for split, f in spec["dataset_kwargs"]["data_files"].items()}
+        prompts = {split: [json.loads(line)["prompt"] for line in path.read_text().splitlines()] for split, path in files.items()}
+        assert len(prompts["test"]) == 200 and len(prompts["train"]) > 10 * len(prompts["test"])
+        assert not set(prompts["test"]) & set(prompts["train"]), spec["task"]
+        checked.add(spec["task"])
+        if spec["task"] == sft.train.eval_tasks:
+            assert (REPO / sft.data.source).resolve() == files["train"].resolve()
+    assert {"llmx_upper", "llmx_reverse", "llmx_add", sft.train.eval_tasks} <= checked
+
+
 # ------------------------------------------------------------------------------------------- errors
 
 def test_bad_input_is_a_one_line_error_naming_file_and_line(files, tmp_path, capsys):
