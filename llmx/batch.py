@@ -36,7 +36,9 @@ def micro_rows(cfg: Config, mesh: Mesh) -> int:
     dp = data_parallel_size(mesh)
     global_batch = t.micro_batch_size * t.grad_accum_steps * dp
     if t.global_batch_size and t.global_batch_size != global_batch:
-        split = " x ".join(f"mesh.{name} {mesh.shape[name]}" for name in axes.BATCH_AXES)
+        # data and fsdp always, the other batch axes (expert) where they split the batch
+        split = " x ".join(f"mesh.{name} {mesh.shape[name]}" for name in axes.BATCH_AXES
+                           if name in ("data", "fsdp") or mesh.shape[name] > 1)
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} but micro_batch_size {t.micro_batch_size} x "
             f"grad_accum_steps {t.grad_accum_steps} x data-parallel {dp} ({split}) = {global_batch}"
