@@ -38,3 +38,11 @@ def subprocess_env(data_dir) -> dict:
 
 
 PYTHON = sys.executable
+
+
+def pytest_collection_modifyitems(config, items):
+    """AOT compiles for TPU/GPU targets run in a subprocess of the AOT environment (10-40 s each): they belong
+    to the full suite (CI), not to the quick tier (`-m "not slow"`)."""
+    for item in items:
+        if item.get_closest_marker("aot_tpu") or item.get_closest_marker("aot_gpu"):
+            item.add_marker(pytest.mark.slow)
