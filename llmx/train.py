@@ -117,7 +117,7 @@ def check_paths(cfg: Config) -> None:
 
 def make_run_dir(path: str):
     """The run directory, created; a local `pathlib.Path` or a bucket's `epath.Path` (llmx.storage)."""
-    run_dir = storage.reach("train.run_dir", path)
+    run_dir = storage.path(path)  # reached once already, before check_restore_from looked inside
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"train.run_dir={path} is a file, not a directory; point train.run_dir at a directory")
     try:

@@ -18,7 +18,7 @@ import pytest
 from helpers import assert_trees_equal, read_metrics, small_config
 from llmx import config as config_lib
 from llmx import runlock, storage
-from llmx.errors import ConfigError, ResourceError
+from llmx.errors import CheckpointError, ConfigError, ResourceError
 from llmx.run import restore_run
 from llmx.train import train
 
@@ -131,7 +131,23 @@ def gcs():
 
 
 def test_a_run_in_a_bucket_trains_resumes_exactly_and_reads_back(gcs, tmp_path, data_dir, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    """The emulator (not GCS, not llmx) sometimes answers TensorStore's conditional write of the OCDBT
+    manifest with a generation TensorStore rejects: "Malformed StorageGeneration", in about 1 run of 8
+    here. That one error, and nothing else, gets a fresh bucket prefix and directory, at most twice."""
+    for attempt in range(3):
+        workspace = tmp_path / f"attempt{attempt}"
+        workspace.mkdir()
+        monkeypatch.chdir(workspace)
+        try:
+            return _bucket_run_checks(gcs, workspace, data_dir)
+        except CheckpointError as e:
+            if "Malformed StorageGeneration" not in str(e) or attempt == 2:
+                raise
+            gcs.invalidate_cache()
+            gcs.rm(f"{BUCKET}/runs/small", recursive=True)
+
+
+def _bucket_run_checks(gcs, tmp_path, data_dir):
     run_dir = f"gs://{BUCKET}/runs/small"
     common = ["checkpoint.every=2", "checkpoint.async_save=false"]
     remote = small_config(tmp_path, data_dir, *common, f"train.run_dir={run_dir}")
