@@ -140,3 +140,14 @@ def test_aot_h100_cudnn_and_triton_attention():
     assert report["cudnn_backward_calls"] > 0, "no cuDNN fused attention backward in the compiled H100 step"
     # Triton flash attention: forward, the backward's preprocessing and the fused dQ/dK/dV kernel.
     assert report["triton_calls"] >= 3 and not report["triton_mentions_cudnn"], report
+
+
+@pytest.mark.parametrize("name, kind", [("splash", "TPU"), ("cudnn", "GPU"), ("triton", "GPU")])
+def test_a_fused_kernel_on_the_wrong_platform_is_one_config_error(name, kind):
+    """Not a lowering traceback ("Only interpret mode is supported on CPU backend") from deep in the step."""
+    from llmx.attention import kernel
+    from llmx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"model.attention={name} runs on {kind} only and this step is compiled "
+                                          r"for cpu; use model.attention=auto or xla"):
+        kernel(name, jnp.bfloat16)

@@ -79,6 +79,10 @@ SEQUENCE_KERNELS = {"all_gather": ("xla",), "ring": ("xla",), "ulysses": tuple(L
 AUTO = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}
 
 
+# The fused kernels compile for one kind of platform only (in interpret mode they run anywhere: tests).
+PLATFORMS = {"splash": ("tpu",), "cudnn": ("gpu", "cuda"), "triton": ("gpu", "cuda")}
+
+
 def resolve(name: str, dtype, platform: str | None = None) -> str:
     """The implementation `model.attention=name` means for `platform` (None: the platform being traced
     for, `llmx.mesh.traced_platform`); cuDNN's flash kernel is bf16/fp16 only."""
@@ -102,7 +106,12 @@ def _without_positions(fn: Callable) -> Callable:
 def kernel(name: str, dtype) -> Callable:
     """`attend(q, k, v, segment_ids, positions) -> out` for `model.attention=name` on the platform being
     traced for, inside the active sequence-parallel strategy if any (`sequence_parallel`)."""
-    local = resolve(name, dtype, mesh_lib.traced_platform())
+    platform = mesh_lib.traced_platform()
+    local = resolve(name, dtype, platform)
+    if platform not in PLATFORMS.get(local, (platform,)):
+        kind = PLATFORMS[local][0].upper()
+        raise ConfigError(f"model.attention={local} runs on {kind} only and this step is compiled for {platform}; "
+                          f"use model.attention=auto or xla here (llmx.plan --target compiles for a {kind})")
     parallel = active()
     if parallel is None:
         return _without_positions(ATTENTION[local])
