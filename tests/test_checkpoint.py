@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import CACHE
-from helpers import SMALL, assert_trees_equal, checkpoint_steps, last_step, launch, small_config, wait_for
+from helpers import SMALL, assert_trees_equal, checkpoint_steps, killable, last_step, launch, small_config, wait_for
 from llmx.errors import CheckpointError
 from llmx.train import train
 
@@ -24,7 +24,7 @@ def test_kill_9_at_a_random_step_then_rerun_is_bitwise_identical(tmp_path, subpr
     killed_dir = tmp_path / "killed" / "run"
     proc = launch(tmp_path, subprocess_env, killed_dir, data_dir, *EXACT)
     try:
-        wait_for(proc, lambda: last_step(killed_dir) >= kill_at, f"step {kill_at}")
+        wait_for(proc, lambda: killable(killed_dir, kill_at), f"step {kill_at} and a checkpoint")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from conftest import CACHE
-from helpers import assert_trees_equal, small_config
+from helpers import assert_trees_equal, killable, last_step, launch, small_config, wait_for
 from llmx import evaluate
 from llmx import mesh as mesh_lib
 from llmx import pruning
@@ -19,7 +19,6 @@ from llmx.checkpoint import Checkpointer
 from llmx.cli import run as run_cli
 from llmx.step import build_steps
 from llmx.train import train
-from test_checkpoint import launch, last_step, wait_for
 
 
 def test_the_schedule_is_zhu_and_gupta_cubic_at_sampled_steps():
@@ -85,7 +84,7 @@ def test_magnitude_pruning_is_exact_follows_its_schedule_and_survives_kill_9(tmp
     killed_dir = tmp_path / "killed" / "run"
     proc = launch(tmp_path, subprocess_env, killed_dir, data_dir, *MAGNITUDE)
     try:
-        wait_for(proc, lambda: last_step(killed_dir) >= kill_at, f"step {kill_at}")
+        wait_for(proc, lambda: killable(killed_dir, kill_at), f"step {kill_at} and a checkpoint")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
