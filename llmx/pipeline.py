@@ -132,7 +132,7 @@ def _gather(w, spec: P, *, leading: int = 0):
 
 
 def run_pipeline(
-    blocks: nnx.Module, layer_fn: Callable, carry: Any, *, scan: bool, remat: str,
+    blocks: nnx.Module, layer_fn: Callable, carry: Any, *, scan: str | bool, remat: str,
     sched: Schedule, mesh: Mesh, param_rules: dict, gather_once: bool,
 ) -> Any:
     """The `llmx.models.layers.run_stack` contract on a pipelined mesh: `layer_fn(block, carry, None) ->

@@ -1,12 +1,17 @@
 """Matmuls: the bf16 einsum's upcast route equals the native bf16 dots (values and gradients), and the
 CPU matmul probe that picks the route is measured once per CPU and cached."""
 
+import re
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from llmx import flops, matmul
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("spec, a_shape, b_shape", [
@@ -61,3 +66,43 @@ def test_measured_cpu_peak_is_the_faster_of_both_paths():
     probe = matmul.measure_cpu_peak(size=256, repeats=2)
     assert probe["native"] > 0 and probe["upcast"] > 0
     assert probe["flops"] == max(probe["native"], probe["upcast"])
+
+
+def _dots(hlo: str) -> list[dict]:
+    """Every dot of an optimized HLO module: operand dtypes, whether it has batch dimensions, and the
+    jax op it came from."""
+    dtypes = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
+    dots = []
+    for line in hlo.splitlines():
+        if m := re.search(r"= \w+\[[\d,]*\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)", line):
+            op = re.search(r'op_name="([^"]*)"', line)
+            dots.append({"operands": (dtypes[m.group(1)], dtypes[m.group(2)]), "batched": "lhs_batch_dims" in line,
+                         "backward": "transpose(" in (op.group(1) if op else ""), "op": op.group(1) if op else ""})
+    return dots
+
+
+def test_the_bf16_bench_step_runs_its_matmuls_as_bf16_dots():
+    """The compiled bf16 step of the bench model (configs/bench_cpu.yaml) multiplies bf16 operands in every
+    weight projection, forward and backward, and in the forward attention: an fp32 dot there would halve
+    the speed silently. The exception is XLA:CPU's own: a batched dot that contracts its operand's second
+    dimension (attention's backward P^T·dO, dO·V^T and dS^T·Q) has no bf16 kernel in its YNNPACK support
+    (`IsDotSupportedByYnn` rejects non-canonical layouts), so XLA upcasts it to fp32 whatever the input
+    says; that is at most 3 dots per attention block, and no more may appear."""
+    if matmul.cpu_bf16_dots_upcast():
+        pytest.skip("this CPU's probe runs bf16 matmuls as fp32 dots (no AVX512-BF16/AMX): nothing to check")
+    from llmx import config as config_lib
+    from llmx import mesh as mesh_lib
+    from llmx.attention import causal_blocks
+    from llmx.plan import compile_train_step
+    from llmx.step import build_steps
+
+    cfg = config_lib.load(str(REPO / "configs" / "bench_cpu.yaml"), ["train.precision=bf16"])
+    steps = build_steps(cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1]))
+    hlo = compile_train_step(cfg, steps).as_text()
+    dots = _dots(hlo)
+    wrong = [d["op"] for d in dots if d["operands"] != ("bf16", "bf16") and not (d["batched"] and d["backward"])]
+    assert not wrong, f"{len(wrong)} fp32 dots in the bf16 step, e.g. {wrong[:3]}"
+    projections = [d for d in dots if not d["batched"]]
+    assert len(projections) >= 3 * 7 * cfg.model.n_layers  # q, k, v, o, gate, up, down: forward and two grads
+    upcast_by_xla = [d for d in dots if d["operands"] != ("bf16", "bf16")]
+    assert len(upcast_by_xla) <= 3 * cfg.model.n_layers * causal_blocks(cfg.model.seq_len), upcast_by_xla

@@ -8,6 +8,7 @@ from llmx import config as config_lib
 from llmx import models
 from llmx.attention import attention_mask
 from llmx.errors import ConfigError
+from llmx.models import layers
 
 SMALL_MODEL = ["model.vocab_size=64", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
                "model.n_kv_heads=2", "model.d_ff=48", "model.seq_len=16"]
@@ -119,14 +120,34 @@ def _loss_and_grads(model, tokens):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("variant", ["model.scan_layers=false", "model.remat=full", "model.remat=dots_saveable",
-                                     "model.remat=dots_with_no_batch_dims_saveable", "model.remat=offload"])
+SCANNED = "model.scan_layers=true"
+
+
+@pytest.mark.parametrize("variant", [
+    ["model.scan_layers=false"], ["model.scan_layers=auto"], [SCANNED, "model.remat=full"],
+    [SCANNED, "model.remat=dots_saveable"], [SCANNED, "model.remat=dots_with_no_batch_dims_saveable"],
+    [SCANNED, "model.remat=offload"], ["model.scan_layers=false", "model.remat=dots_saveable"],
+], ids=lambda v: ",".join(o.split(".")[1] for o in v))
 def test_layer_loop_and_remat_variants_match_scan(variant):
     tokens = jnp.asarray(np.random.default_rng(2).integers(3, 64, (2, 16)), jnp.int32)
-    ref_loss, ref_grads = _loss_and_grads(make()[1], tokens)
-    loss, grads = _loss_and_grads(make(variant)[1], tokens)
+    ref_loss, ref_grads = _loss_and_grads(make(SCANNED)[1], tokens)
+    loss, grads = _loss_and_grads(make(*variant)[1], tokens)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads)
+
+
+def test_scan_layers_auto_unrolls_on_cpu_only_and_up_to_the_bound():
+    deep = layers.UNROLL_ON_CPU_MAX_LAYERS
+    assert not layers.scans("auto", 4, "cpu") and not layers.scans("auto", deep, "cpu")
+    assert layers.scans("auto", deep + 1, "cpu")  # compile time grows with unrolled depth
+    assert layers.scans("auto", 4, "tpu") and layers.scans("auto", 4, "gpu")  # accelerators keep the scan
+    assert layers.scans("auto", 4, "cpu", remat="full")  # unrolled, XLA:CPU undoes checkpointing policies
+    assert layers.scans("true", 4, "cpu") and layers.scans(True, 4, "cpu") and not layers.scans("false", 4, "tpu")
+    # YAML's booleans (scan_layers: false, or model.scan_layers=false on the command line) still work
+    assert config_lib.load(None, ["model.scan_layers=false"]).model.scan_layers == "false"
+    assert config_lib.from_dict({"model": {"scan_layers": True}}).model.scan_layers == "true"
+    with pytest.raises(ConfigError, match="scan_layers='sometimes' is not allowed; choose one of: auto, true, false"):
+        config_lib.load(None, ["model.scan_layers=sometimes"])
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads():

@@ -159,17 +159,37 @@ class MLP(nnx.Module):
         return lora.project(self, "w_down", "btf,fd->btd", hidden).astype(x.dtype)
 
 
+# model.scan_layers=auto on CPU: unrolled up to this depth. XLA:CPU runs the unrolled stack of the bench
+# model ~1.2x faster in fp32 and bf16 (AMD EPYC Zen 4, scripts/bench_vs_torch.py): under lax.scan every
+# residual the backward pass needs is written into a stacked (L, ...) buffer (broadcast to zeros first,
+# then a dynamic-update-slice per layer) and read back by a dynamic slice. Compile time grows with depth
+# (16 layers of the bench model: 13 s against 5 s), hence the bound. With activation checkpointing auto
+# keeps the scan: unrolled, XLA's scheduler undoes the policies (temporary memory of test_model's remat
+# config, fp32: 117 MiB under every policy unrolled, 124 -> 36 MiB scanned). Accelerators keep the scan.
+UNROLL_ON_CPU_MAX_LAYERS = 16
+
+
+def scans(scan_layers: str | bool, n_layers: int, platform: str | None = None, remat: str = "none") -> bool:
+    """Whether `model.scan_layers` runs the stack under lax.scan on `platform` (None: the platform being
+    traced for) with activation checkpointing `remat`."""
+    if isinstance(scan_layers, bool) or scan_layers != "auto":
+        return scan_layers in (True, "true")
+    on_cpu = (platform or traced_platform()) == "cpu"
+    return not (on_cpu and remat == "none" and n_layers <= UNROLL_ON_CPU_MAX_LAYERS)
+
+
 def run_layers(
-    blocks: nnx.Module, layer_fn: Callable, carry, xs: Any = None, *, scan: bool, remat: str = "none",
+    blocks: nnx.Module, layer_fn: Callable, carry, xs: Any = None, *, scan: str | bool, remat: str = "none",
     prepare: Callable = lambda layer_state: layer_state,
 ) -> tuple[Any, Any]:
     """Runs `layer_fn(block, carry, x) -> (carry, y)` over the layers of `blocks`, a module whose every
     Param has a leading (L,) axis (built under `nnx.vmap`), with x the layer's slice of `xs` (a pytree
     with a leading (L,) axis, or None); returns (carry, ys stacked to (L, ...)), like `lax.scan`.
     `scan`: one traced layer under `lax.scan`, so compile time does not grow with depth, or L unrolled
-    copies. `remat`: the activation-checkpointing policy of each layer (model.remat, REMAT_POLICIES).
+    copies (model.scan_layers: True/"true", False/"false", or "auto": `scans`). `remat`: the activation-checkpointing policy of each layer (model.remat, REMAT_POLICIES).
     `prepare` maps a layer's weights before use (a pipeline stage gathers its ZeRO-3 shards there)."""
     graphdef, stacked = nnx.split(blocks)
+    scan = scans(scan, jax.tree.leaves(stacked)[0].shape[0], remat=remat)
 
     def layer(carry, inputs):
         layer_state, x = inputs
@@ -186,7 +206,7 @@ def run_layers(
     return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
 
 
-def _sequential(blocks: nnx.Module, layer_fn: Callable, carry, *, scan: bool, remat: str):
+def _sequential(blocks: nnx.Module, layer_fn: Callable, carry, *, scan: str | bool, remat: str):
     return run_layers(blocks, layer_fn, carry, scan=scan, remat=remat)[0]
 
 
@@ -206,7 +226,7 @@ def stack_runner(runner: Callable):
         _STACK_RUNNER.reset(token)
 
 
-def run_stack(blocks: nnx.Module, layer_fn: Callable, carry, *, scan: bool, remat: str = "none"):
+def run_stack(blocks: nnx.Module, layer_fn: Callable, carry, *, scan: str | bool, remat: str = "none"):
     """A forward pass's layer stack: `layer_fn(block, carry, None) -> (carry, None)` over every layer of
     `blocks`; returns the last carry. `carry` is a pytree of arrays with a leading row axis: the
     activations and every per-row value the layers read (segment ids, positions), so a schedule that
