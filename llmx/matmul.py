@@ -4,7 +4,10 @@
 In bf16/fp16 the backward dots get a custom VJP: the fp32 cotangent is cast to the compute dtype
 first (otherwise XLA upcasts every backward dot to fp32 and bf16 trains at fp32 speed), and the
 operands are laid out (batch, free, contracted) x (batch, contracted, free), the layouts XLA:CPU
-sends to its AMX bf16 path (DESIGN §6). fp32 keeps plain einsums.
+sends to its AMX bf16 path (DESIGN §6). fp32 takes the same custom VJP on CPU, where the explicit
+layouts made the bench model's fp32 step 1.17x faster (Zen 4: XLA otherwise fuses the transposes
+into the elementwise ops before them, and a transposing loop fusion runs several times slower than
+the same loop plus a separate transpose); elsewhere fp32 keeps plain einsums.
 On a CPU without bf16 matrix hardware (AVX2 or AVX-512 without BF16: XLA:CPU's bf16 dot runs at
 ~0.6x its fp32 dot there) the bf16 dots are done as fp32 dots of the bf16-rounded operands, when the
 cached probe below says that is faster: the same products and fp32 sums, so the same numbers up to
@@ -44,12 +47,12 @@ def _canonical_einsum(spec_a: str, spec_b: str, spec_out: str, a, b):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _low_precision_einsum(spec: str, dtype, a, b):
+def _compute_dtype_einsum(spec: str, dtype, a, b):
     return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def _low_precision_fwd(spec, dtype, a, b):
-    return _low_precision_einsum(spec, dtype, a, b), (a, b)
+def _compute_dtype_fwd(spec, dtype, a, b):
+    return _compute_dtype_einsum(spec, dtype, a, b), (a, b)
 
 
 def _specs(spec: str) -> tuple[str, str, str]:
@@ -59,7 +62,7 @@ def _specs(spec: str) -> tuple[str, str, str]:
     return spec_a, spec_b, out
 
 
-def _low_precision_bwd(spec, dtype, residuals, g):
+def _compute_dtype_bwd(spec, dtype, residuals, g):
     a, b = residuals
     spec_a, spec_b, out = _specs(spec)
     g = g.astype(dtype)  # the cotangent in the compute dtype: bf16 x bf16 -> fp32 backward dots
@@ -68,7 +71,7 @@ def _low_precision_bwd(spec, dtype, residuals, g):
     return grad_a.astype(a.dtype), grad_b.astype(b.dtype)
 
 
-_low_precision_einsum.defvjp(_low_precision_fwd, _low_precision_bwd)
+_compute_dtype_einsum.defvjp(_compute_dtype_fwd, _compute_dtype_bwd)
 
 
 def _rounded_fp32(x, dtype):
@@ -116,10 +119,12 @@ def _has_batch_dims(spec: str) -> bool:
 def _float_einsum(spec: str, x, w):
     """x (compute dtype) times w cast to x's dtype, fp32 accumulation (the paths in the module docstring)."""
     if x.dtype == jnp.float32:
+        if mesh_lib.traced_platform() == "cpu":
+            return _compute_dtype_einsum(spec, jnp.float32, x, w)  # the laid-out backward (module docstring)
         return jnp.einsum(spec, x, w.astype(jnp.float32), preferred_element_type=jnp.float32)
     if x.dtype == jnp.bfloat16 and upcast_bf16_dots_here():
         return _upcast_einsum(spec, x.dtype, x, w)
-    return _low_precision_einsum(spec, x.dtype, x, w)
+    return _compute_dtype_einsum(spec, x.dtype, x, w)
 
 
 def einsum(spec: str, x, w):
