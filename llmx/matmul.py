@@ -5,9 +5,9 @@ In bf16/fp16 the backward dots get a custom VJP: the fp32 cotangent is cast to t
 first (otherwise XLA upcasts every backward dot to fp32 and bf16 trains at fp32 speed), and the
 operands are laid out (batch, free, contracted) x (batch, contracted, free), the layouts XLA:CPU
 sends to its AMX bf16 path (DESIGN §6). fp32 takes the same custom VJP on CPU, where the explicit
-layouts made the bench model's fp32 step 1.17x faster (Zen 4: XLA otherwise fuses the transposes
-into the elementwise ops before them, and a transposing loop fusion runs several times slower than
-the same loop plus a separate transpose); elsewhere fp32 keeps plain einsums.
+layouts made the bench model's fp32 step 1.16x faster (Zen 4, unrolled stack): XLA otherwise fuses
+the transposes into the elementwise ops before them, and a transposing loop fusion runs several
+times slower than the same loop plus a separate transpose. Elsewhere fp32 keeps plain einsums.
 On a CPU without bf16 matrix hardware (AVX2 or AVX-512 without BF16: XLA:CPU's bf16 dot runs at
 ~0.6x its fp32 dot there) the bf16 dots are done as fp32 dots of the bf16-rounded operands, when the
 cached probe below says that is faster: the same products and fp32 sums, so the same numbers up to

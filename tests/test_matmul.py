@@ -106,3 +106,15 @@ def test_the_bf16_bench_step_runs_its_matmuls_as_bf16_dots():
     assert len(projections) >= 3 * 7 * cfg.model.n_layers  # q, k, v, o, gate, up, down: forward and two grads
     upcast_by_xla = [d for d in dots if d["operands"] != ("bf16", "bf16")]
     assert len(upcast_by_xla) <= 3 * cfg.model.n_layers * causal_blocks(cfg.model.seq_len), upcast_by_xla
+
+
+@pytest.mark.parametrize("platform, laid_out", [("cpu", True), ("tpu", False), ("gpu", False)])
+def test_fp32_einsums_take_the_laid_out_vjp_on_cpu_only(monkeypatch, platform, laid_out):
+    """The CPU-only choice keys off the platform being traced for: an AOT compile for a TPU or GPU target
+    (traced on a CPU host) keeps the plain fp32 einsum its compilers lay out themselves."""
+    monkeypatch.setattr(matmul.mesh_lib, "traced_platform", lambda: platform)
+    x, w = jnp.ones((2, 8, 16), jnp.float32), jnp.ones((16, 24), jnp.float32)
+    jaxpr = str(jax.make_jaxpr(lambda x, w: matmul.einsum("btd,df->btf", x, w))(x, w))
+    assert ("custom_vjp_call" in jaxpr) is laid_out, jaxpr
+    grads = jax.grad(lambda x, w: matmul.einsum("btd,df->btf", x, w).sum(), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(grads[1], jnp.einsum("btd,btf->df", x, jnp.ones((2, 8, 24))), rtol=1e-6)
