@@ -18,6 +18,7 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from llmx import attention as attention_lib
@@ -67,15 +68,34 @@ class RMSNorm(nnx.Module):
         return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x, positions, *, theta: float):
-    """Rotary embedding (Su et al. 2021) in the rotate-half layout of HF Llama. x: (B, T, N, Dh)."""
+def rope(x, positions, *, theta: float, max_position: int | None = None):
+    """Rotary embedding (Su et al. 2021) in the rotate-half layout of HF Llama. x: (B, T, N, Dh).
+
+    `max_position`: positions are known to be below it (training and evaluation: model.seq_len; a position
+    past the table reads NaN, not a wrong angle). On CPU cos and sin are then looked up in a table
+    computed while tracing: XLA:CPU fuses the transcendentals into every elementwise consumer and
+    recomputes them per element of the (B, T, N, Dh) tensors (bench model, Zen 4: bf16 step 1.10x faster
+    with the table, fp32 unchanged). Other platforms compute them in place."""
     half = x.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (Dh/2,)
-    angles = positions[..., None].astype(jnp.float32) * freqs  # (B, T, Dh/2)
-    cos = jnp.cos(angles)[:, :, None, :]  # (B, T, 1, Dh/2)
-    sin = jnp.sin(angles)[:, :, None, :]
+    if max_position is not None and traced_platform() == "cpu":
+        cos_table, sin_table = _rope_tables(max(max_position, positions.shape[1]), half, theta)
+        cos = jnp.take(cos_table, positions, axis=0)[:, :, None, :]  # (B, T, 1, Dh/2)
+        sin = jnp.take(sin_table, positions, axis=0)[:, :, None, :]
+    else:
+        freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (Dh/2,)
+        angles = positions[..., None].astype(jnp.float32) * freqs  # (B, T, Dh/2)
+        cos = jnp.cos(angles)[:, :, None, :]  # (B, T, 1, Dh/2)
+        sin = jnp.sin(angles)[:, :, None, :]
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_tables(n: int, half: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of position x frequency for positions [0, n), (n, Dh/2) fp32, as `rope` computes them."""
+    freqs = (np.float32(theta) ** (-np.arange(half, dtype=np.float32) / np.float32(half))).astype(np.float32)
+    angles = np.arange(n, dtype=np.float32)[:, None] * freqs
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 def compute_dtype(cfg: ModelConfig):
@@ -107,19 +127,19 @@ class Attention(nnx.Module):
         self.wo = normal_param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), std=out_std, dtype=pd)
         lora.attach(self, cfg, rngs, {"wq": 1, "wk": 1, "wv": 1, "wo": 2})  # model.lora_targets
 
-    def _qkv(self, x, positions):
+    def _qkv(self, x, positions, max_position=None):
         """Rotated queries (B, T, H, Dh) and keys, values (B, T, K, Dh) in the compute dtype."""
         cfg = self.cfg
         dt = x.dtype
         q = lora.project(self, "wq", "btd,dhk->bthk", x)  # fp32 accumulation
         k = lora.project(self, "wk", "btd,dnk->btnk", x)
         v = lora.project(self, "wv", "btd,dnk->btnk", x)
-        q = rope(q, positions, theta=cfg.rope_theta).astype(dt)  # (B, T, H, Dh)
-        k = rope(k, positions, theta=cfg.rope_theta).astype(dt)  # (B, S, K, Dh)
+        q = rope(q, positions, theta=cfg.rope_theta, max_position=max_position).astype(dt)  # (B, T, H, Dh)
+        k = rope(k, positions, theta=cfg.rope_theta, max_position=max_position).astype(dt)  # (B, S, K, Dh)
         return q, k, v.astype(dt)
 
     def __call__(self, x, segment_ids, positions):
-        q, k, v = self._qkv(x, positions)
+        q, k, v = self._qkv(x, positions, self.cfg.seq_len)  # training/eval positions are below seq_len
         # The kernel is looked up while tracing (model.attention, and mesh.sequence_strategy when the
         # sequence is split: llmx.attention.kernel); positions give split, reordered tokens their mask.
         attend = attention_lib.kernel(self.cfg.attention, x.dtype)
