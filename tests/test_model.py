@@ -138,10 +138,11 @@ def test_layer_loop_and_remat_variants_match_scan(variant):
 
 def test_scan_layers_auto_unrolls_on_cpu_only_and_up_to_the_bound():
     deep = layers.UNROLL_ON_CPU_MAX_LAYERS
-    assert not layers.scans("auto", 4, "cpu") and not layers.scans("auto", deep, "cpu")
-    assert layers.scans("auto", deep + 1, "cpu")  # compile time grows with unrolled depth
+    assert not layers.scans("auto", 4, "cpu", devices=1) and not layers.scans("auto", deep, "cpu", devices=1)
+    assert layers.scans("auto", deep + 1, "cpu", devices=1)  # compile time grows with unrolled depth
     assert layers.scans("auto", 4, "tpu") and layers.scans("auto", 4, "gpu")  # accelerators keep the scan
     assert layers.scans("auto", 4, "cpu", remat="full")  # unrolled, XLA:CPU undoes checkpointing policies
+    assert layers.scans("auto", 4, "cpu", devices=8)  # ZeRO-3 gathers a layer per loop iteration
     assert layers.scans("true", 4, "cpu") and layers.scans(True, 4, "cpu") and not layers.scans("false", 4, "tpu")
     # YAML's booleans (scan_layers: false, or model.scan_layers=false on the command line) still work
     assert config_lib.load(None, ["model.scan_layers=false"]).model.scan_layers == "false"

@@ -139,7 +139,7 @@ def test_fp8_qat_is_e4m3_forward_and_e5m2_gradients():
 
 
 def test_qat_covers_every_projection_and_leaves_attention_dots_alone(monkeypatch):
-    cfg = config_lib.load(None, [*SMALL, "model.quantization=int8"])
+    cfg = config_lib.load(None, [*SMALL, "model.quantization=int8", "model.scan_layers=true"])
     steps = build_steps(cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1]))
     seen = []
     inner = q.QAT_EINSUMS["int8"]

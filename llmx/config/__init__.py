@@ -64,7 +64,7 @@ class ModelConfig:
         "auto",
         choices=("auto", "true", "false"),
         help="lax.scan over stacked layers (true: compile time flat in depth) or unroll (false); auto: unroll "
-        "on CPU up to 16 layers without model.remat (the step runs ~1.2x faster there), scan elsewhere",
+        "on one CPU device up to 16 layers without model.remat (the step runs ~1.2x faster there), scan elsewhere",
     )
     remat: str = _field(
         "none",

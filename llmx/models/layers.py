@@ -24,7 +24,7 @@ from flax import nnx
 from llmx import attention as attention_lib
 from llmx.attention import attention_mask, masked_attention
 from llmx.config import ModelConfig
-from llmx.mesh import traced_platform
+from llmx.mesh import active_mesh, traced_platform
 from llmx.matmul import DOT, PROJECTION
 from llmx.models import lora
 
@@ -179,23 +179,29 @@ class MLP(nnx.Module):
         return lora.project(self, "w_down", "btf,fd->btd", hidden).astype(x.dtype)
 
 
-# model.scan_layers=auto on CPU: unrolled up to this depth. XLA:CPU runs the unrolled stack of the bench
-# model ~1.2x faster in fp32 and bf16 (AMD EPYC Zen 4, scripts/bench_vs_torch.py): under lax.scan every
-# residual the backward pass needs is written into a stacked (L, ...) buffer (broadcast to zeros first,
-# then a dynamic-update-slice per layer) and read back by a dynamic slice. Compile time grows with depth
-# (16 layers of the bench model: 13 s against 5 s), hence the bound. With activation checkpointing auto
-# keeps the scan: unrolled, XLA's scheduler undoes the policies (temporary memory of test_model's remat
-# config, fp32: 117 MiB under every policy unrolled, 124 -> 36 MiB scanned). Accelerators keep the scan.
+# model.scan_layers=auto on one CPU device: unrolled up to this depth. XLA:CPU runs the unrolled stack of
+# the bench model ~1.2x faster in fp32 and bf16 (AMD EPYC Zen 4, scripts/bench_vs_torch.py): under lax.scan
+# every residual the backward pass needs is written into a stacked (L, ...) buffer (broadcast to zeros
+# first, then a dynamic-update-slice per layer) and read back by a dynamic slice. Compile time grows with
+# depth (16 layers of the bench model: 13 s against 5 s), hence the bound. auto keeps the scan where the
+# loop is what the layout relies on: with activation checkpointing (unrolled, XLA's scheduler undid every
+# policy: test_model's remat config kept 117 MiB of temporaries under each, against 124 -> 36 MiB scanned)
+# and on a mesh of several devices (ZeRO-3 gathers one layer's weights per loop iteration). Accelerators
+# keep the scan.
 UNROLL_ON_CPU_MAX_LAYERS = 16
 
 
-def scans(scan_layers: str | bool, n_layers: int, platform: str | None = None, remat: str = "none") -> bool:
-    """Whether `model.scan_layers` runs the stack under lax.scan on `platform` (None: the platform being
-    traced for) with activation checkpointing `remat`."""
+def scans(scan_layers: str | bool, n_layers: int, platform: str | None = None, remat: str = "none",
+          devices: int | None = None) -> bool:
+    """Whether `model.scan_layers` runs the stack under lax.scan on `platform` with `devices` devices (None:
+    the mesh being traced for, `llmx.mesh.active_mesh`) and activation checkpointing `remat`."""
     if isinstance(scan_layers, bool) or scan_layers != "auto":
         return scan_layers in (True, "true")
-    on_cpu = (platform or traced_platform()) == "cpu"
-    return not (on_cpu and remat == "none" and n_layers <= UNROLL_ON_CPU_MAX_LAYERS)
+    if devices is None:
+        mesh = active_mesh()
+        devices = 1 if mesh is None else mesh.devices.size
+    one_cpu = (platform or traced_platform()) == "cpu" and devices == 1
+    return not (one_cpu and remat == "none" and n_layers <= UNROLL_ON_CPU_MAX_LAYERS)
 
 
 def run_layers(
