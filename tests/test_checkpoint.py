@@ -19,6 +19,7 @@ EXACT = ["optim.schedule=constant", "train.steps=24", "checkpoint.every=3", "che
          "checkpoint.keep_every=6", f"train.compilation_cache_dir={CACHE / 'jax'}"]
 
 
+@pytest.mark.slow  # a trainer subprocess killed or signalled mid-run
 def test_kill_9_at_a_random_step_then_rerun_is_bitwise_identical(tmp_path, subprocess_env, data_dir):
     kill_at = random.Random().randint(4, 18)
     killed_dir = tmp_path / "killed" / "run"
@@ -41,6 +42,7 @@ def test_kill_9_at_a_random_step_then_rerun_is_bitwise_identical(tmp_path, subpr
     assert checkpoint_steps(tmp_path / "full" / "run") == [6, 12, 18, 21, 24]
 
 
+@pytest.mark.slow  # a trainer subprocess killed or signalled mid-run
 def test_sigterm_checkpoints_the_current_step_and_exits_0(tmp_path, subprocess_env, data_dir):
     run_dir = tmp_path / "run"
     proc = launch(tmp_path, subprocess_env, run_dir, data_dir, "train.steps=500", "checkpoint.every=0")
@@ -56,6 +58,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_0(tmp_path, subprocess_e
     assert checkpoint_steps(run_dir) == [last_step(run_dir)]
 
 
+@pytest.mark.slow  # a trainer subprocess killed or signalled mid-run
 def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, subprocess_env, data_dir):
     run_dir = tmp_path / "run"
     overrides = ["train.steps=8", "checkpoint.every=2", "checkpoint.keep=1"]
