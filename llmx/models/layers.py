@@ -212,7 +212,8 @@ def run_layers(
     Param has a leading (L,) axis (built under `nnx.vmap`), with x the layer's slice of `xs` (a pytree
     with a leading (L,) axis, or None); returns (carry, ys stacked to (L, ...)), like `lax.scan`.
     `scan`: one traced layer under `lax.scan`, so compile time does not grow with depth, or L unrolled
-    copies (model.scan_layers: True/"true", False/"false", or "auto": `scans`). `remat`: the activation-checkpointing policy of each layer (model.remat, REMAT_POLICIES).
+    copies (model.scan_layers: True/"true", False/"false", or "auto": `scans`). `remat`: the
+    activation-checkpointing policy of each layer (model.remat, REMAT_POLICIES).
     `prepare` maps a layer's weights before use (a pipeline stage gathers its ZeRO-3 shards there)."""
     graphdef, stacked = nnx.split(blocks)
     scan = scans(scan, jax.tree.leaves(stacked)[0].shape[0], remat=remat)
