@@ -40,15 +40,26 @@ from llmx.tracking import WandbRun
 log = logging.getLogger("llmx")
 
 
-def enable_compilation_cache(path: str) -> None:
-    """JAX's persistent compilation cache at `path` ('' = off). Not for several processes on CPU:
-    there an executable loaded from the cache by one process while another compiles its own makes
-    the gloo collectives' rendezvous time out ("Gloo context initialization failed: GetKeyValue()
-    timed out"), seen with jax 0.10.2 on a warm cache."""
-    if path and jax.process_count() > 1 and jax.default_backend() == "cpu":
-        log.info("compilation cache off: %d CPU processes share gloo collectives", jax.process_count())
+def enable_compilation_cache(path: str, devices) -> None:
+    """JAX's persistent compilation cache at `path` ('' = off) for a run on `devices`. Not for a CPU run
+    on several devices: an XLA:CPU executable with collectives loaded from the cache can run them in
+    another order on each device and deadlock, the step aborting after 40 s in the rendezvous ("Termination
+    timeout for `all gather ...`"; jax 0.10.2: a cold compile of the same step runs, the cached one
+    deadlocks every time), and with several processes the gloo collectives of a cached step fail to set up
+    ("GetKeyValue() timed out"). Once on, the cache stays on for the process (JAX reads it once)."""
+    devices = list(devices)
+    cpu_collectives = devices[0].platform == "cpu" and len(devices) > 1
+    if not path:
         return
-    if path and not jax.config.jax_compilation_cache_dir:
+    cache_on = jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache
+    if cpu_collectives and cache_on:
+        log.warning("the persistent compilation cache at %s is on in this process, and a CPU run on %d devices "
+                    "may deadlock on an executable loaded from it (jax 0.10.2); set train.compilation_cache_dir='' "
+                    "in this process's first run", jax.config.jax_compilation_cache_dir, len(devices))
+    elif cpu_collectives:
+        log.info("compilation cache off: a CPU run on %d devices may deadlock on an executable with collectives "
+                 "loaded from it (jax 0.10.2)", len(devices))
+    elif not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
 
 
@@ -133,7 +144,6 @@ def train(cfg: Config, *, devices=None) -> RunSummary:
     if cfg.model.weight_format != "float":
         raise ConfigError(f"model.weight_format={cfg.model.weight_format}: quantized weights are for llmx.evaluate and "
                           "llmx.generate; train the float run they came from (model.quantization trains quantization-aware)")
-    enable_compilation_cache(cfg.train.compilation_cache_dir)
     # Inputs that can be checked quickly are, before anything is created or prepared.
     check_paths(cfg)
     data_lib.check_sources(cfg)
@@ -143,6 +153,7 @@ def train(cfg: Config, *, devices=None) -> RunSummary:
     with contextlib.ExitStack() as opened:
         lock = opened.enter_context(runlock.hold(run_dir, wait_seconds=cfg.train.wait_for_lock))
         mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+        enable_compilation_cache(cfg.train.compilation_cache_dir, mesh.devices.flat)  # before the first compile
         steps = build_steps(cfg, mesh)
         # Before anything is allocated (or data prepared).
         fits = "fit check skipped (train.skip_fit_check)" if cfg.train.skip_fit_check else fit.check(cfg, steps)

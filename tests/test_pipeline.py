@@ -234,7 +234,7 @@ def test_a_filled_pipeline_axis_is_checked_when_the_mesh_is_built():
 
 
 def test_plan_reports_the_bubble_and_what_the_stages_send():
-    p = plan(config_lib.load(None, STAGED_STEP))  # the step compiled above: a compilation cache hit
+    p = plan(config_lib.load(None, STAGED_STEP))
     pipe = p["pipeline"]
     assert (pipe["stages"], pipe["repeats"], pipe["micro_batches"], pipe["iterations"]) == (4, 1, 4, 7)
     assert pipe["bubble"] == pytest.approx(3 / 7)

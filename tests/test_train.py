@@ -1,12 +1,14 @@
 """The trainer end to end on small configs: parallel layouts agree, runs resume where they stopped."""
 
+import logging
+
 import jax
 import numpy as np
 import pytest
 
 from conftest import REPO
 from helpers import SMALL, read_metrics, small_config
-from llmx.train import train
+from llmx.train import enable_compilation_cache, train
 
 
 def assert_losses_close(a: dict, b: dict, rtol: float):
@@ -14,8 +16,9 @@ def assert_losses_close(a: dict, b: dict, rtol: float):
     np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)], rtol=rtol)
 
 
-def test_tiny_config_one_device_equals_data_parallel_8(tmp_path, data_dir):
-    """The same 10 steps of configs/tiny.yaml (fp32) on 1 device and on mesh.data=8."""
+def test_tiny_config_one_device_equals_data_parallel_8(tmp_path, data_dir, caplog):
+    """The same 10 steps of configs/tiny.yaml (fp32) on 1 device and on mesh.data=8; the 8-device run
+    leaves the persistent compilation cache off (`enable_compilation_cache`)."""
     common = ["train.steps=10", "train.eval_every=0", "train.sample_tokens=0", "train.progress=false",
               "checkpoint.every=0"]
     one = small_config(tmp_path / "one", data_dir, *common, "train.micro_batch_size=8",
@@ -23,9 +26,35 @@ def test_tiny_config_one_device_equals_data_parallel_8(tmp_path, data_dir):
     eight = small_config(tmp_path / "eight", data_dir, *common, "mesh.data=8", "train.micro_batch_size=1",
                          config_file=str(REPO / "configs/tiny.yaml"))
     losses_one = train(one, devices=jax.devices()[:1]).losses
-    losses_eight = train(eight).losses
+    with caplog.at_level(logging.INFO, logger="llmx"):
+        losses_eight = train(eight).losses
     assert_losses_close(losses_one, losses_eight, rtol=1e-5)
     assert losses_one[10] < losses_one[1]
+    assert "compilation cache off: a CPU run on 8 devices may deadlock" in caplog.text
+
+
+def test_the_persistent_compilation_cache_is_for_one_cpu_device_only(tmp_path, caplog):
+    """XLA:CPU steps with collectives loaded from the cache can deadlock: 8 CPU devices leave it off, one
+    device turns it on, and a cache already on for a multi-device CPU run is a warning naming the way out."""
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache)
+    path = str(tmp_path / "cache")
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        with caplog.at_level(logging.INFO, logger="llmx"):
+            enable_compilation_cache(path, jax.devices())
+        assert jax.config.jax_compilation_cache_dir is None and "compilation cache off" in caplog.text
+        enable_compilation_cache("", jax.devices()[:1])
+        assert jax.config.jax_compilation_cache_dir is None
+        enable_compilation_cache(path, jax.devices()[:1])
+        assert jax.config.jax_compilation_cache_dir == path
+        jax.config.update("jax_enable_compilation_cache", True)  # JAX read it at this process's first compile
+        caplog.clear()
+        enable_compilation_cache(path, jax.devices())
+        assert [r.levelname for r in caplog.records] == ["WARNING"]
+        assert "train.compilation_cache_dir=''" in caplog.text
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_enable_compilation_cache", before[1])
 
 
 def test_metrics_jsonl_and_run_directory(tmp_path, data_dir):

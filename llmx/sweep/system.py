@@ -142,8 +142,8 @@ def assess(c: Candidate, *, target: str, devices) -> None:
 def autotune(config: str | None, overrides: list[str], *, target: str = "current") -> dict:
     base, spec, name = spec_lib.load(config, overrides)
     space = spec.system
-    enable_compilation_cache(base.train.compilation_cache_dir)
     devices = targets.resolve(target).devices
+    enable_compilation_cache(base.train.compilation_cache_dir, devices)
     tried = candidates(base, space, len(devices))
     sweep_dir = Path(spec.dir or f"sweeps/{name}-system")
     sweep_dir.mkdir(parents=True, exist_ok=True)
