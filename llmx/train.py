@@ -57,7 +57,8 @@ def enable_compilation_cache(path: str, devices) -> None:
                     "may deadlock on an executable loaded from it (jax 0.10.2); set train.compilation_cache_dir='' "
                     "in this process's first run", jax.config.jax_compilation_cache_dir, len(devices))
     elif cpu_collectives:
-        log.info("compilation cache off: a CPU run on %d devices may deadlock on an executable with collectives "
+        # DEBUG: an input error found later must stay the one line a failed run prints (tests/test_faults.py).
+        log.debug("compilation cache off: a CPU run on %d devices may deadlock on an executable with collectives "
                  "loaded from it (jax 0.10.2)", len(devices))
     elif not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))

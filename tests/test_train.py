@@ -26,7 +26,7 @@ def test_tiny_config_one_device_equals_data_parallel_8(tmp_path, data_dir, caplo
     eight = small_config(tmp_path / "eight", data_dir, *common, "mesh.data=8", "train.micro_batch_size=1",
                          config_file=str(REPO / "configs/tiny.yaml"))
     losses_one = train(one, devices=jax.devices()[:1]).losses
-    with caplog.at_level(logging.INFO, logger="llmx"):
+    with caplog.at_level(logging.DEBUG, logger="llmx"):
         losses_eight = train(eight).losses
     assert_losses_close(losses_one, losses_eight, rtol=1e-5)
     assert losses_one[10] < losses_one[1]
@@ -40,7 +40,7 @@ def test_the_persistent_compilation_cache_is_for_one_cpu_device_only(tmp_path, c
     path = str(tmp_path / "cache")
     try:
         jax.config.update("jax_compilation_cache_dir", None)
-        with caplog.at_level(logging.INFO, logger="llmx"):
+        with caplog.at_level(logging.DEBUG, logger="llmx"):
             enable_compilation_cache(path, jax.devices())
         assert jax.config.jax_compilation_cache_dir is None and "compilation cache off" in caplog.text
         enable_compilation_cache("", jax.devices()[:1])
