@@ -47,10 +47,10 @@ def enable_compilation_cache(path: str, devices) -> None:
     timeout for `all gather ...`"; jax 0.10.2: a cold compile of the same step runs, the cached one
     deadlocks every time), and with several processes the gloo collectives of a cached step fail to set up
     ("GetKeyValue() timed out"). Once on, the cache stays on for the process (JAX reads it once)."""
-    devices = list(devices)
-    cpu_collectives = devices[0].platform == "cpu" and len(devices) > 1
     if not path:
         return
+    devices = list(devices)
+    cpu_collectives = devices[0].platform == "cpu" and len(devices) > 1
     cache_on = jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache
     if cpu_collectives and cache_on:
         log.warning("the persistent compilation cache at %s is on in this process, and a CPU run on %d devices "
@@ -59,7 +59,7 @@ def enable_compilation_cache(path: str, devices) -> None:
     elif cpu_collectives:
         # DEBUG: an input error found later must stay the one line a failed run prints (tests/test_faults.py).
         log.debug("compilation cache off: a CPU run on %d devices may deadlock on an executable with collectives "
-                 "loaded from it (jax 0.10.2)", len(devices))
+                  "loaded from it (jax 0.10.2)", len(devices))
     elif not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
 

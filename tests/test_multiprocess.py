@@ -116,10 +116,6 @@ def test_process_0_without_its_peer_is_an_error_after_the_timeout(tmp_path, subp
 
 # torchrun and DeepSpeed-launcher variables: 2 processes x 4 CPU devices against 1 x 8, ZeRO-3 over fsdp=8.
 LAUNCHED = [*COMMON, "train.steps=3", "mesh.zero_stage=3"]
-# jax 0.10.2 on CPU: a 2-process step loaded from the persistent compilation cache fails to set up its
-# Gloo contexts ("GetKeyValue() timed out with key: cpu:gloo/.../4"; a cold compile of the same run
-# passes), so the launched processes compile without it.
-UNCACHED = "train.compilation_cache_dir="
 TORCHRUN = shutil.which("torchrun", path=str(Path(PYTHON).parent))
 
 
@@ -139,7 +135,7 @@ def test_torchrun_two_processes_train_like_one(runner, tmp_path, data_dir, subpr
         pytest.skip("torch is not installed here; the stand-in sets the same variables (pip install -e '.[hf]')")
     launcher = [TORCHRUN] if runner == "torchrun" else [PYTHON, str(REPO / "tests" / "torchrun_standin.py")]
     proc = subprocess.run(
-        [*launcher, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "llmx.train", *LAUNCHED, UNCACHED,
+        [*launcher, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "llmx.train", *LAUNCHED,
          f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={data_dir}"],
         cwd=REPO, env=_four_devices(subprocess_env), capture_output=True, text=True, timeout=600,
     )
@@ -156,7 +152,7 @@ def test_hostfile_launch_over_ssh_trains_like_one(tmp_path, data_dir, subprocess
     proc = subprocess.run(
         [PYTHON, "-m", "llmx.launch", "--hostfile", str(hostfile), "--master-port", str(free_port()),
          "--ssh-command", f"{PYTHON} {REPO / 'tests' / 'ssh_standin.py'}", "--devices-per-process", "4", "--",
-         *LAUNCHED, UNCACHED, f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={data_dir}"],
+         *LAUNCHED, f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={data_dir}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
