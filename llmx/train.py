@@ -49,6 +49,11 @@ def enable_compilation_cache(path: str, devices) -> None:
     ("GetKeyValue() timed out"). Once on, the cache stays on for the process (JAX reads it once)."""
     if not path:
         return
+    existing = next(p for p in (Path(path).expanduser().absolute(), *Path(path).expanduser().absolute().parents)
+                    if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"train.compilation_cache_dir={path}: {existing} is a file, not a directory; point it at a "
+                          "directory, or '' for no cache")
     devices = list(devices)
     cpu_collectives = devices[0].platform == "cpu" and len(devices) > 1
     cache_on = jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache

@@ -103,6 +103,9 @@ FAULTS: dict[str, Fault] = {
     # Paths and data.
     "run_dir is a file": Fault(lambda w: [f"train.run_dir={w / 'notes.txt'}"], "notes.txt is a file, not a directory",
                                setup=lambda w: _write(w / "notes.txt", "not a run")),
+    "compilation cache under a file": Fault(lambda w: [f"train.compilation_cache_dir={w / 'notes.txt' / 'jax'}"],
+                                            "notes.txt is a file, not a directory",
+                                            setup=lambda w: _write(w / "notes.txt", "not a cache")),
     "run_dir in an s3:// bucket": Fault(lambda w: ["train.run_dir=s3://bucket/run"],
                                         "s3:// is not supported (Orbax checkpoints reach only gs:// buckets)"),
     "empty source directory": Fault(lambda w: [f"data.source={w / 'empty'}"], "holds no files",
