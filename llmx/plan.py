@@ -66,7 +66,7 @@ def custom_call_counts(hlo_text: str) -> dict[str, int]:
 def kernels(cfg: Config, mesh) -> dict[str, str]:
     """The attention and optimizer implementations a step compiled for `mesh` uses."""
     platform = mesh.devices.flat[0].platform
-    attention = attention_lib.resolve(cfg.model.attention, cfg.model.dtype, platform)
+    attention = attention_lib.resolve(cfg.model.attention, cfg.model.dtype, platform, mesh.devices.size)
     if cfg.optim.impl == "optax":
         optimizer = f"optax {cfg.optim.name} (XLA-fused)"
     elif optim.fused_impl(mesh) == "pallas":

@@ -67,7 +67,7 @@ def resolve(cfg: Config, mesh: Mesh) -> SequenceParallel | None:
                           "set one of them to 1")
     model, strategy = cfg.model, cfg.mesh.sequence_strategy
     platform = mesh.devices.flat[0].platform
-    local = attention_lib.resolve(model.attention, _compute_dtype(cfg), platform)
+    local = attention_lib.resolve(model.attention, _compute_dtype(cfg), platform, mesh.devices.size)
     ways = _heads_ways(mesh) * size
     heads_divide = model.n_heads % ways == 0
     if strategy == "auto":

@@ -84,13 +84,90 @@ def test_triton_attention_in_interpret_mode_matches_reference(dtype):
     check_forward_and_grads(jax.jit(lambda q, k, v, s: triton_attention(q, k, v, s, interpret=True)), dtype, T=256)
 
 
-def test_auto_picks_xla_on_cpu_and_cudnn_needs_low_precision():
-    from llmx.attention import resolve
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("T", [32, 100, 256])
+def test_cpu_flash_attention_matches_reference(dtype, T):
+    """llmx's C++ kernel (built on first use): grouped-query heads, documents crossing its 64-row tiles, a
+    length that is not a multiple of the tile."""
+    from llmx.attention import cpu, flash_cpu_attention
+
+    assert cpu.available(), cpu.unavailable_reason()
+    check_forward_and_grads(jax.jit(flash_cpu_attention), dtype, T=T)
+
+
+def test_cpu_flash_attention_agrees_with_xla_in_a_train_step():
+    """The same model and batch: loss and every gradient of model.attention=cpu against xla (fp32)."""
+    from llmx import config as config_lib
+    from llmx import mesh as mesh_lib
+    from llmx.benchmark import synthetic_batch
+    from llmx.step import objective_sums, build_steps
+
+    results = []
+    for attention in ("cpu", "xla"):
+        cfg = config_lib.load(REPO / "configs" / "tiny.yaml", [f"model.attention={attention}", "mesh.data=1"])
+        mesh = mesh_lib.make_mesh(cfg.mesh, devices=jax.devices()[:1])
+        built = build_steps(cfg, mesh)
+        state, batch = built.init(), jax.tree.map(lambda a: np.array(a[0]), synthetic_batch(cfg, mesh))
+        T = batch["inputs"].shape[1]  # two documents per row, the second starting inside a 64-row tile
+        batch["segment_ids"][:, 100:] = 2
+        batch["positions"] = np.concatenate([np.arange(100), np.arange(T - 100)])[None].repeat(len(batch["inputs"]), 0)
+
+        def loss(params):
+            with mesh_lib.activation_sharding(mesh):
+                return objective_sums(params, built.graphdef, batch)[0]
+
+        hlo = jax.jit(jax.value_and_grad(loss)).lower(state.params).as_text()
+        assert ("llmx_flash_cpu" in hlo) == (attention == "cpu")
+        results.append(jax.jit(jax.value_and_grad(loss))(state.params))
+    (loss_cpu, grads_cpu), (loss_xla, grads_xla) = results
+    np.testing.assert_allclose(loss_cpu, loss_xla, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads_cpu), jax.tree.leaves(grads_xla)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_auto_on_one_cpu_device_follows_the_probe(monkeypatch, tmp_path):
+    """auto: the cpu kernel where the cached probe timed it faster, xla where not, on several devices, and
+    for fp16; the probe runs once per CPU, source and dtype (cached in LLMX_CACHE_DIR)."""
+    from llmx.attention import cpu, resolve
     from llmx.errors import ConfigError
 
-    assert resolve("auto", jnp.bfloat16) == "xla"
+    monkeypatch.setenv("LLMX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu, "_PROBES", {})
+    monkeypatch.setattr(cpu, "available", lambda: True)
+    timings = {"cpu": 1.0, "xla": 2.0}
+    calls = []
+    monkeypatch.setattr(cpu, "measure", lambda dtype: calls.append(dtype) or dict(timings))
+    assert resolve("auto", jnp.bfloat16, "cpu", 1) == "cpu"
+    assert resolve("auto", jnp.bfloat16, "cpu", 8) == "xla"
+    assert resolve("auto", jnp.float16, "cpu", 1) == "xla"
+    cpu._PROBES.clear()  # a new process: the file answers
+    assert resolve("auto", jnp.bfloat16, "cpu", 1) == "cpu" and calls == [jnp.bfloat16]
+    timings.update(cpu=3.0)
+    assert resolve("auto", jnp.float32, "cpu", 1) == "xla" and calls == [jnp.bfloat16, jnp.float32]
+    assert (tmp_path / "flash_cpu" / "probe.json").exists()
     with pytest.raises(ConfigError, match="cudnn"):
         resolve("cudnn", jnp.float32)
+
+
+def test_cpu_attention_refusals_are_one_config_error(monkeypatch):
+    from llmx.attention import cpu, kernel, resolve
+    from llmx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.attention=cpu takes fp32 or bf16 compute, not float16"):
+        resolve("cpu", jnp.float16, "cpu", 1)
+    with pytest.raises(ConfigError, match="model.attention=cpu runs on one CPU device and this mesh has 8"):
+        resolve("cpu", jnp.bfloat16, "cpu", 8)
+    q, k, v, seg = inputs(jnp.float32, Dh=8)
+    with pytest.raises(ConfigError, match="head_dim that is a multiple of 16, not 8"):
+        kernel("cpu", jnp.float32)(q, k, v, seg, None)
+    faster_than_xla = cpu.faster_than_xla
+    monkeypatch.setattr(cpu, "faster_than_xla", lambda dtype: True)  # auto falls back to xla for that head size
+    np.testing.assert_allclose(kernel("auto", jnp.float32)(q, k, v, seg, None), reference_attention(q, k, v, seg),
+                               atol=2e-5, rtol=2e-5)
+    monkeypatch.setattr(cpu, "_load", lambda: (False, "no C++ compiler found (set CXX or install g++)"))
+    with pytest.raises(ConfigError, match=r"model.attention=cpu: no C\+\+ compiler found .*; use model.attention=xla"):
+        resolve("cpu", jnp.bfloat16, "cpu", 1)
+    assert not faster_than_xla(jnp.bfloat16)
 
 
 def test_every_attention_choice_has_a_kernel():

@@ -56,9 +56,10 @@ class ModelConfig:
     )
     attention: str = _field(
         "auto",
-        choices=("auto", "xla", "cudnn", "splash", "triton"),
+        choices=("auto", "xla", "cudnn", "splash", "triton", "cpu"),
         help="attention kernel: xla einsums, cuDNN flash (GPU), Pallas splash (TPU), Pallas/Triton flash (GPU, "
-        "O(T) memory for long packed sequences); auto picks by backend (cudnn on GPU)",
+        "O(T) memory for long packed sequences), llmx's C++ flash kernel (one CPU device, built on first use); "
+        "auto picks by backend (cudnn on GPU; on one CPU device cpu where its probe beats xla)",
     )
     scan_layers: str = _field(
         "auto",

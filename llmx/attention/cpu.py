@@ -1,0 +1,216 @@
+"""`model.attention=cpu`: the flash-attention kernel of `flash_cpu.cc` (XLA FFI), for XLA:CPU.
+
+The C++ source ships with the package and is compiled on first use with the host's C++ compiler
+(`CXX`, else g++/c++) for this CPU (`-march=native`), like PyTorch's `cpp_extension.load`: the
+library lands in `LLMX_CACHE_DIR` (default ~/.cache/llmx) under a key of the source, the CPU and
+the jaxlib version, so a later run loads it in milliseconds. Without a compiler `available()` is
+False with the reason in `unavailable_reason()`: `model.attention=auto` then keeps the XLA einsums,
+and an explicit `model.attention=cpu` is a one-line error.
+
+The kernel takes q (B, T, H, Dh), k, v (B, T, K, Dh) in f32 or bf16 and segment ids (B, T), and
+computes causal document-masked attention in 64 x 64 tiles with fp32 statistics (FlashAttention-2,
+forward and recomputing backward); see the comment at the top of `flash_cpu.cc` for why it exists.
+It runs unpartitioned, so it is used on one-device CPU meshes only (`supports`).
+
+`model.attention=auto` takes it on a one-device CPU mesh when `faster_than_xla` says so: a probe,
+run once per CPU, kernel source and dtype and cached next to the library, that times forward plus
+backward of the bench model's attention shape both ways (the matmul probe's pattern, llmx.matmul).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from llmx import matmul
+from llmx.matmul import DOT
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("flash_cpu.cc")
+FORWARD, BACKWARD = "llmx_flash_cpu_forward", "llmx_flash_cpu_backward"
+DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LLMX_CACHE_DIR", Path.home() / ".cache" / "llmx")) / "flash_cpu"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _key(*extra: str) -> str:
+    """Source, CPU (the matmul probe's identity) and jaxlib version: what a built library depends on."""
+
+    parts = [SOURCE.read_bytes(), matmul._cpu_identity().encode(), jax.lib.__version__.encode(), *(e.encode() for e in extra)]
+    return hashlib.sha256(b"|".join(parts)).hexdigest()[:16]
+
+
+def _library_path(compiler: str) -> Path:
+    return _cache_dir() / f"libllmx_flash_cpu-{_key(compiler)}.so"
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile SOURCE into `target` (atomically: concurrent runs each build into a temporary file)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-isystem", jax.ffi.include_dir(),
+               str(SOURCE), "-o", str(out)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(out, target)
+
+
+@functools.cache
+def _load() -> tuple[bool, str]:
+    """Build (once per CPU and source) and register the FFI handlers; (ok, reason if not)."""
+    compiler = _compiler()
+    if compiler is None:
+        return False, "no C++ compiler found (set CXX or install g++)"
+    path = _library_path(compiler)
+    try:
+        if not path.exists():
+            log.info("compiling the CPU flash-attention kernel (%s, once per CPU) into %s", Path(compiler).name, path)
+            _build(compiler, path)
+        library = ctypes.cdll.LoadLibrary(str(path))
+        jax.ffi.register_ffi_target(FORWARD, jax.ffi.pycapsule(library.LlmxFlashForward), platform="cpu")
+        jax.ffi.register_ffi_target(BACKWARD, jax.ffi.pycapsule(library.LlmxFlashBackward), platform="cpu")
+    except (OSError, RuntimeError) as e:
+        return False, f"building the CPU flash-attention kernel failed: {e}"
+    return True, ""
+
+
+def available() -> bool:
+    """Whether the kernel is built and registered on this host (building it on the first call)."""
+    return _load()[0]
+
+
+def unavailable_reason() -> str:
+    return _load()[1]
+
+
+def supports(q_shape, dtype) -> bool:
+    """Whether `flash_cpu_attention` handles q of this shape and dtype: f32/bf16, head_dim a multiple of 16."""
+    return jnp.dtype(dtype) in [jnp.dtype(d) for d in DTYPES] and q_shape[-1] % 16 == 0
+
+
+def _registered() -> None:
+    ok, reason = _load()
+    if not ok:
+        raise RuntimeError(reason)
+
+
+def _forward_call(q, k, v, segment_ids):
+    _registered()
+    B, T, H, _ = q.shape
+    out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
+    return jax.ffi.ffi_call(FORWARD, out)(q, k, v, segment_ids.astype(jnp.int32))
+
+
+@jax.custom_vjp
+def flash_cpu_attention(q, k, v, segment_ids):
+    """Causal document-masked attention of q (B, T, H, Dh) over k, v (B, T, K, Dh) -> (B, T, H, Dh)."""
+    return _forward_call(q, k, v, segment_ids)[0]
+
+
+def _fwd(q, k, v, segment_ids):
+    out, lse = _forward_call(q, k, v, segment_ids)
+    # Named like attention's einsums in xla: model.remat=dots_saveable keeps them, the policies that save
+    # only projections recompute the forward kernel in the backward pass.
+    out, lse = checkpoint_name(out, DOT), checkpoint_name(lse, DOT)
+    return out, (q, k, v, segment_ids, out, lse)
+
+
+def _bwd(residuals, g):
+    q, k, v, segment_ids, out, lse = residuals
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
+    dq, dk, dv = jax.ffi.ffi_call(BACKWARD, shapes)(q, k, v, segment_ids.astype(jnp.int32), out, lse, g.astype(q.dtype))
+    return dq, dk, dv, None
+
+
+flash_cpu_attention.defvjp(_fwd, _bwd)
+
+
+# ---------------------------------------------------------------- the probe behind model.attention=auto
+
+PROBE_SHAPE = (4, 256, 4, 4, 64)  # B, T, H, K, Dh: the bench model's attention (configs/bench_cpu.yaml), half its batch
+_PROBES: dict[str, dict] = {}
+
+
+def measure(dtype, *, shape=PROBE_SHAPE, repeats: int = 5) -> dict:
+    """Best seconds of one jitted forward + backward of causal attention of `shape`, by this kernel
+    ('cpu') and by the XLA einsums ('xla'), on the host CPU."""
+    from llmx.attention.xla import xla_attention
+
+    B, T, H, K, Dh = shape
+    device = jax.devices("cpu")[0]
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.device_put(jax.random.normal(keys[0], (B, T, H, Dh), dtype), device)
+    k, v = (jax.device_put(jax.random.normal(kk, (B, T, K, Dh), dtype), device) for kk in keys[1:3])
+    g = jax.device_put(jax.random.normal(keys[3], (B, T, H, Dh), dtype), device)
+    segment_ids = jax.device_put(jnp.ones((B, T), jnp.int32), device)
+    result = {}
+    for name, fn in (("cpu", flash_cpu_attention), ("xla", xla_attention)):
+        step = jax.jit(lambda q, k, v, g, fn=fn: jax.vjp(lambda *a: fn(*a, segment_ids), q, k, v)[1](g))
+        jax.block_until_ready(step(q, k, v, g))
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(step(q, k, v, g))
+            best = min(best, time.perf_counter() - t0)
+        result[name] = best
+    return result
+
+
+def probe(dtype) -> dict:
+    """`measure(dtype)`, run once per CPU, kernel source and dtype, cached in the library's directory."""
+    name = jnp.dtype(dtype).name
+    key = f"{_key()}|{name}"
+    if key in _PROBES:
+        return _PROBES[key]
+    path = _cache_dir() / "probe.json"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if not isinstance(cached, dict):
+        cached = {}
+    if not isinstance(cached.get(key), dict) or not {"cpu", "xla"} <= cached[key].keys():
+        with jax.ensure_compile_time_eval():  # the first call may come while a model is being traced
+            cached[key] = measure(dtype)
+        log.info("CPU attention probe (%s, %s): flash kernel %.2f ms, XLA einsums %.2f ms per forward+backward",
+                 name, "x".join(map(str, PROBE_SHAPE)), cached[key]["cpu"] * 1e3, cached[key]["xla"] * 1e3)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cached))
+        os.replace(tmp, path)
+    _PROBES[key] = cached[key]
+    return cached[key]
+
+
+def faster_than_xla(dtype) -> bool:
+    """Whether `model.attention=auto` should take this kernel for `dtype` on this CPU: it builds, takes
+    the dtype, and the cached probe timed it faster than the XLA einsums."""
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in DTYPES] or not available():
+        return False
+    times = probe(dtype)
+    return times["cpu"] < times["xla"]

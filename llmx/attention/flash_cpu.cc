@@ -1,0 +1,464 @@
+// Causal, document-masked flash attention for XLA:CPU, forward and backward, as XLA FFI handlers
+// (llmx/attention/cpu.py builds this file with the host's C++ compiler and registers the handlers).
+//
+// Why by hand: XLA:CPU runs attention as batched 256x256x64 dots (YNNPACK reaches ~140 GFLOP/s on
+// them, against ~370 for the model's projections), materialises the T x T fp32 scores and probabilities,
+// transposes q/k/v into head-major layouts and back, and upcasts three of the four backward dots to
+// fp32 because their transposed operands are not in a layout its bf16 dot accepts. On the bench model
+// that made attention ~36 % of a training step for ~10 % of its FLOPs. This kernel is FlashAttention-2
+// (Dao 2023, Alg. 1 and 2) on 64 x 64 tiles held in fp32 in the cache: scores never leave a tile, q/k/v
+// are read in the model's (B, T, heads, head_dim) layout, the row statistics are fp32, and the backward
+// recomputes the probabilities from the saved log-sum-exp.
+//
+// Layouts: q (B, T, H, D), k and v (B, S = T, K, D) in f32 or bf16, segment ids (B, T) int32; H = K * G
+// (grouped-query heads share their key/value head). Token t attends key s <= t with the same segment id.
+// Work is split over (batch, key/value head) pairs on XLA's intra-op thread pool: a pair owns its dK/dV,
+// so the backward needs no atomics.
+//
+// Arithmetic: products and sums in fp32 (bf16 inputs are widened exactly); the matmul inner loops are
+// GCC vector extensions, compiled with -march=native, so the same source uses AVX-512 or AVX2.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kBlock = 64;  // query and key tile rows
+constexpr int kLanes = 16;  // floats per vector
+typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
+
+inline vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+inline vfloat splat(float x) { return vfloat{} + x; }
+
+// ------------------------------------------------------------------ element types
+
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t bf16) {
+  uint32_t bits = static_cast<uint32_t>(bf16) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+template <typename T>
+T from_float(float x);
+template <>
+float from_float<float>(float x) {
+  return x;
+}
+template <>
+uint16_t from_float<uint16_t>(float x) {  // round to nearest even, as XLA's convert
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);  // NaN stays NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// exp of a vector: 2^n * p(r), r in [-ln2/2, ln2/2], degree-6 polynomial (relative error ~2e-7); inputs
+// below -87 give 0 (masked scores are -inf).
+typedef int vint __attribute__((vector_size(kLanes * sizeof(int))));
+
+inline vfloat vexp(vfloat x) {
+  const vfloat lo = splat(-87.0f), hi = splat(88.0f);
+  vfloat xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  vfloat t = xc * 1.44269504088896341f + 0.5f;
+  vfloat n = __builtin_convertvector(__builtin_convertvector(t, vint), vfloat);
+  n = n > t ? n - 1.0f : n;  // floor
+  vfloat r = xc - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  vfloat p = splat(1.0f / 720) * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+  vfloat scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < lo ? splat(0.0f) : p * scale;
+}
+
+// ------------------------------------------------------------------ the one matmul shape
+//
+// C (M x N) += A (M x K) * B (K x N): A read element by element at a[i * a_row + k * a_col] (so a
+// transposed A costs nothing), B and C row-major with N contiguous. M is a multiple of 4 and N of 16.
+// Four rows x four vectors of C stay in registers while k runs.
+
+template <int NV, bool kAccumulate>
+inline void gemm_tile(int K, const float* a, long a_row, long a_col, const float* b, long b_row, float* c,
+                      long c_row) {
+  vfloat acc[4][NV];
+  for (int r = 0; r < 4; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = kAccumulate ? load(c + r * c_row + v * kLanes) : vfloat{};
+  for (int k = 0; k < K; ++k) {
+    vfloat bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = load(b + k * b_row + v * kLanes);
+    for (int r = 0; r < 4; ++r) {
+      vfloat av = splat(a[r * a_row + k * a_col]);
+      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+  for (int r = 0; r < 4; ++r)
+    for (int v = 0; v < NV; ++v) store(c + r * c_row + v * kLanes, acc[r][v]);
+}
+
+// C (M x N) = A * B, or C += A * B with kAccumulate.
+template <bool kAccumulate = true>
+void gemm(int M, int N, int K, const float* a, long a_row, long a_col, const float* b, long b_row, float* c,
+          long c_row) {
+  for (int i = 0; i < M; i += 4) {
+    const float* ai = a + i * a_row;
+    float* ci = c + i * c_row;
+    int n = 0;
+    for (; n + 4 * kLanes <= N; n += 4 * kLanes) gemm_tile<4, kAccumulate>(K, ai, a_row, a_col, b + n, b_row, ci + n, c_row);
+    switch ((N - n) / kLanes) {
+      case 3: gemm_tile<3, kAccumulate>(K, ai, a_row, a_col, b + n, b_row, ci + n, c_row); break;
+      case 2: gemm_tile<2, kAccumulate>(K, ai, a_row, a_col, b + n, b_row, ci + n, c_row); break;
+      case 1: gemm_tile<1, kAccumulate>(K, ai, a_row, a_col, b + n, b_row, ci + n, c_row); break;
+      default: break;
+    }
+  }
+}
+
+// ------------------------------------------------------------------ work on the intra-op pool
+
+// Runs fn(0 .. n-1) on the calling thread and on XLA's intra-op threads. The caller takes units too,
+// so the call never waits for a pool thread that is busy elsewhere; a pool task that starts after all
+// units are taken returns at once (it shares only the counters, through the shared_ptr).
+struct Work {
+  std::atomic<long> next{0};
+  std::atomic<long> done{0};
+  long n = 0;
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+void parallel_for(ffi::ThreadPool& pool, long n, const std::function<void(long)>& fn) {
+  auto work = std::make_shared<Work>();
+  work->n = n;
+  auto run = [work](const std::function<void(long)>* body) {
+    long done_here = 0;
+    for (long i; (i = work->next.fetch_add(1)) < work->n;) {
+      (*body)(i);
+      ++done_here;
+    }
+    if (done_here && work->done.fetch_add(done_here) + done_here == work->n) {
+      std::lock_guard<std::mutex> lock(work->mu);
+      work->cv.notify_all();
+    }
+  };
+  int helpers = std::min<long>(pool.num_threads(), n - 1);
+  for (int t = 0; t < helpers; ++t) pool.Schedule([run, &fn]() { run(&fn); });
+  run(&fn);
+  std::unique_lock<std::mutex> lock(work->mu);
+  work->cv.wait(lock, [&] { return work->done.load() == work->n; });
+}
+// (A helper scheduled after the units ran out never dereferences `fn`: its loop exits before the body.)
+
+// ------------------------------------------------------------------ per (batch, kv head) buffers
+
+struct Dims {
+  long B, T, H, K, D, G, Tp;  // Tp: T rounded up to the tile
+  float scale;
+};
+
+template <typename T>
+void widen_rows(const T* src, long row_stride, long rows, long D, float scale, float* dst) {
+  for (long r = 0; r < rows; ++r)
+    for (long d = 0; d < D; ++d) dst[r * D + d] = to_float(src[r * row_stride + d]) * scale;
+}
+
+// k or v of one (batch, kv head) as fp32 rows (Tp x D) and transposed (D x Tp); padding rows are zero.
+template <typename T>
+void load_kv(const Dims& s, const T* x, long b, long kvh, float* rows, float* cols) {
+  std::fill(rows, rows + s.Tp * s.D, 0.0f);
+  widen_rows(x + (b * s.T * s.K + kvh) * s.D, s.K * s.D, s.T, s.D, 1.0f, rows);
+  if (cols) {
+    std::fill(cols, cols + s.D * s.Tp, 0.0f);
+    for (long t = 0; t < s.T; ++t)
+      for (long d = 0; d < s.D; ++d) cols[d * s.Tp + t] = rows[t * s.D + d];
+  }
+}
+
+// Per 64-token block of a row's segment ids: the id if the whole block has one (padding past T
+// counts as a different document), else -1 (ids are >= 0).
+std::vector<long> uniform_blocks(const Dims& s, const int32_t* seg) {
+  std::vector<long> out(s.Tp / kBlock);
+  for (long blk = 0; blk < s.Tp / kBlock; ++blk) {
+    long first = seg[blk * kBlock], ok = blk * kBlock + kBlock <= s.T;
+    for (long t = blk * kBlock; ok && t < blk * kBlock + kBlock; ++t) ok = seg[t] == first;
+    out[blk] = ok ? first : -1;
+  }
+  return out;
+}
+
+// Scores of a query tile against a key tile, masked to -inf where the key is in the future or in
+// another document (and for padding keys). A tile wholly in the past of one document skips the mask.
+void scores_tile(const Dims& s, const float* q, const float* kt, long q0, long k0, const int32_t* seg,
+                 const std::vector<long>& uniform, float* out) {
+  gemm<false>(kBlock, kBlock, s.D, q, s.D, 1, kt + k0, s.Tp, out, kBlock);
+  const long uq = uniform[q0 / kBlock], uk = uniform[k0 / kBlock];
+  if (k0 + kBlock <= q0 && uq >= 0 && uq == uk) return;
+  vint key_seg[kBlock / kLanes], key_pos[kBlock / kLanes];
+  for (int v = 0; v < kBlock / kLanes; ++v)
+    for (int lane = 0; lane < kLanes; ++lane) {
+      const long kj = k0 + v * kLanes + lane;
+      key_seg[v][lane] = kj < s.T ? seg[kj] : -1;
+      key_pos[v][lane] = static_cast<int>(kj);
+    }
+  const vfloat neg_inf = splat(-INFINITY);
+  for (long i = 0; i < kBlock; ++i) {
+    const int qs = q0 + i < s.T ? seg[q0 + i] : -2;
+    const int qpos = static_cast<int>(q0 + i);
+    float* row = out + i * kBlock;
+    for (int v = 0; v < kBlock / kLanes; ++v) {
+      const vint live = (key_seg[v] == qs) & (key_pos[v] <= qpos);
+      store(row + v * kLanes, live ? load(row + v * kLanes) : neg_inf);
+    }
+  }
+}
+
+inline float hmax(vfloat x) {
+  float m = x[0];
+  for (int lane = 1; lane < kLanes; ++lane) m = std::max(m, x[lane]);
+  return m;
+}
+inline float hsum(vfloat x) {
+  float total = 0.0f;
+  for (int lane = 0; lane < kLanes; ++lane) total += x[lane];
+  return total;
+}
+
+// ------------------------------------------------------------------ forward
+
+template <typename T>
+void forward_pair(const Dims& s, const T* q, const T* k, const T* v, const int32_t* segment_ids, T* o,
+                  float* lse, long pair) {
+  const long b = pair / s.K, kvh = pair % s.K, D = s.D;
+  std::vector<float> kt(D * s.Tp), vr(s.Tp * D), qt(kBlock * D), sc(kBlock * kBlock), acc(kBlock * D);
+  std::vector<float> m(kBlock), l(kBlock);
+  load_kv(s, k, b, kvh, vr.data(), kt.data());  // k^T into kt (vr is scratch here)
+  load_kv(s, v, b, kvh, vr.data(), nullptr);
+  const int32_t* seg = segment_ids + b * s.T;
+  const std::vector<long> uniform = uniform_blocks(s, seg);
+  for (long g = 0; g < s.G; ++g) {
+    const long h = kvh * s.G + g;
+    for (long q0 = 0; q0 < s.T; q0 += kBlock) {
+      const long rows = std::min<long>(kBlock, s.T - q0);
+      std::fill(qt.begin(), qt.end(), 0.0f);
+      widen_rows(q + ((b * s.T + q0) * s.H + h) * D, s.H * D, rows, D, s.scale, qt.data());
+      std::fill(m.begin(), m.end(), -INFINITY);
+      std::fill(l.begin(), l.end(), 0.0f);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (long k0 = 0; k0 < q0 + rows; k0 += kBlock) {
+        scores_tile(s, qt.data(), kt.data(), q0, k0, seg, uniform, sc.data());
+        for (long i = 0; i < kBlock; ++i) {
+          float* row = sc.data() + i * kBlock;
+          vfloat mv = load(row);
+          for (long j = kLanes; j < kBlock; j += kLanes) mv = mv > load(row + j) ? mv : load(row + j);
+          const float mx = std::max(m[i], hmax(mv));
+          if (mx == -INFINITY) {  // no live key so far (a document that starts later, a padding row)
+            std::fill(row, row + kBlock, 0.0f);
+            continue;
+          }
+          const float alpha = std::exp(m[i] - mx);
+          vfloat sum{};
+          for (long j = 0; j < kBlock; j += kLanes) {
+            vfloat p = vexp(load(row + j) - mx);
+            store(row + j, p);
+            sum += p;
+          }
+          l[i] = l[i] * alpha + hsum(sum);
+          m[i] = mx;
+          if (alpha != 1.0f) {
+            float* a = acc.data() + i * D;
+            for (long d = 0; d < D; d += kLanes) store(a + d, load(a + d) * alpha);
+          }
+        }
+        gemm(kBlock, D, kBlock, sc.data(), kBlock, 1, vr.data() + k0 * D, D, acc.data(), D);
+      }
+      for (long i = 0; i < rows; ++i) {
+        const float inv = 1.0f / l[i];
+        T* out = o + ((b * s.T + q0 + i) * s.H + h) * D;
+        for (long d = 0; d < D; ++d) out[d] = from_float<T>(acc[i * D + d] * inv);
+        lse[(b * s.H + h) * s.T + q0 + i] = m[i] + std::log(l[i]);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ backward
+
+template <typename T>
+void backward_pair(const Dims& s, const T* q, const T* k, const T* v, const int32_t* segment_ids, const T* o,
+                   const float* lse, const T* dout, T* dq, T* dk, T* dv, long pair) {
+  const long b = pair / s.K, kvh = pair % s.K, D = s.D;
+  std::vector<float> kr(s.Tp * D), kt(D * s.Tp), vr(s.Tp * D), vt(D * s.Tp);
+  std::vector<float> dk_acc(s.Tp * D, 0.0f), dv_acc(s.Tp * D, 0.0f);
+  std::vector<float> qt(kBlock * D), dot(kBlock * D), dq_acc(kBlock * D), p(kBlock * kBlock),
+      dp(kBlock * kBlock), delta(kBlock), row_lse(kBlock);
+  load_kv(s, k, b, kvh, kr.data(), kt.data());
+  load_kv(s, v, b, kvh, vr.data(), vt.data());
+  const int32_t* seg = segment_ids + b * s.T;
+  const std::vector<long> uniform = uniform_blocks(s, seg);
+  for (long g = 0; g < s.G; ++g) {
+    const long h = kvh * s.G + g;
+    for (long q0 = 0; q0 < s.T; q0 += kBlock) {
+      const long rows = std::min<long>(kBlock, s.T - q0);
+      const long offset = ((b * s.T + q0) * s.H + h) * D, stride = s.H * D;
+      std::fill(qt.begin(), qt.end(), 0.0f);
+      std::fill(dot.begin(), dot.end(), 0.0f);
+      std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
+      widen_rows(q + offset, stride, rows, D, s.scale, qt.data());
+      widen_rows(dout + offset, stride, rows, D, 1.0f, dot.data());
+      for (long i = 0; i < kBlock; ++i) {
+        float sum = 0.0f;
+        if (i < rows)
+          for (long d = 0; d < D; ++d) sum += dot[i * D + d] * to_float(o[offset + i * stride + d]);
+        delta[i] = sum;
+        row_lse[i] = i < rows ? lse[(b * s.H + h) * s.T + q0 + i] : INFINITY;
+      }
+      for (long k0 = 0; k0 < q0 + rows; k0 += kBlock) {
+        scores_tile(s, qt.data(), kt.data(), q0, k0, seg, uniform, p.data());
+        for (long i = 0; i < kBlock; ++i) {  // probabilities from the forward's log-sum-exp
+          float* row = p.data() + i * kBlock;
+          const float shift = row_lse[i];
+          for (long j = 0; j < kBlock; j += kLanes) store(row + j, vexp(load(row + j) - shift));
+        }
+        gemm(kBlock, D, kBlock, p.data(), 1, kBlock, dot.data(), D, dv_acc.data() + k0 * D, D);  // dV += P^T dO
+        gemm<false>(kBlock, kBlock, D, dot.data(), D, 1, vt.data() + k0, s.Tp, dp.data(), kBlock);  // dP = dO V^T
+        for (long i = 0; i < kBlock; ++i) {  // dS = P * (dP - delta), into dp
+          float* ds = dp.data() + i * kBlock;
+          const float* pr = p.data() + i * kBlock;
+          const vfloat di = splat(delta[i]);
+          for (long j = 0; j < kBlock; j += kLanes) store(ds + j, load(pr + j) * (load(ds + j) - di));
+        }
+        gemm(kBlock, D, kBlock, dp.data(), 1, kBlock, qt.data(), D, dk_acc.data() + k0 * D, D);  // dK += dS^T Qs
+        gemm(kBlock, D, kBlock, dp.data(), kBlock, 1, kr.data() + k0 * D, D, dq_acc.data(), D);  // dQ += dS K
+      }
+      for (long i = 0; i < rows; ++i)
+        for (long d = 0; d < D; ++d) dq[offset + i * stride + d] = from_float<T>(dq_acc[i * D + d] * s.scale);
+    }
+  }
+  for (long t = 0; t < s.T; ++t) {
+    const long offset = ((b * s.T + t) * s.K + kvh) * D;
+    for (long d = 0; d < D; ++d) {
+      dk[offset + d] = from_float<T>(dk_acc[t * D + d]);
+      dv[offset + d] = from_float<T>(dv_acc[t * D + d]);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ FFI entry points
+
+ffi::Error dims_of(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, Dims* s) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4) return ffi::Error::InvalidArgument("q, k, v must be (B, T, heads, head_dim)");
+  s->B = qd[0], s->T = qd[1], s->H = qd[2], s->D = qd[3], s->K = kd[2];
+  if (kd[0] != s->B || kd[1] != s->T || kd[3] != s->D || s->K == 0 || s->H % s->K)
+    return ffi::Error::InvalidArgument("k, v must be (B, T, kv_heads, head_dim) with kv_heads dividing heads");
+  if (s->D % kLanes) return ffi::Error::InvalidArgument("head_dim must be a multiple of 16");
+  s->G = s->H / s->K;
+  s->Tp = (s->T + kBlock - 1) / kBlock * kBlock;
+  s->scale = 1.0f / std::sqrt(static_cast<float>(s->D));
+  return ffi::Error::Success();
+}
+
+template <typename T>
+T* data(ffi::AnyBuffer& x) {
+  return static_cast<T*>(x.untyped_data());
+}
+template <typename T>
+const T* data(const ffi::AnyBuffer& x) {
+  return static_cast<const T*>(x.untyped_data());
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                   ffi::Buffer<ffi::S32> segment_ids, ffi::Result<ffi::AnyBuffer> o,
+                   ffi::Result<ffi::Buffer<ffi::F32>> lse) {
+  Dims s;
+  if (auto err = dims_of(q, k, &s); err.failure()) return err;
+  const int32_t* seg = segment_ids.typed_data();
+  float* lse_out = lse->typed_data();
+  if (q.element_type() == ffi::F32) {
+    parallel_for(pool, s.B * s.K, [&](long pair) {
+      forward_pair<float>(s, data<float>(q), data<float>(k), data<float>(v), seg, data<float>(*o), lse_out, pair);
+    });
+  } else if (q.element_type() == ffi::BF16) {
+    parallel_for(pool, s.B * s.K, [&](long pair) {
+      forward_pair<uint16_t>(s, data<uint16_t>(q), data<uint16_t>(k), data<uint16_t>(v), seg, data<uint16_t>(*o),
+                             lse_out, pair);
+    });
+  } else {
+    return ffi::Error::InvalidArgument("flash_cpu takes f32 or bf16");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                    ffi::Buffer<ffi::S32> segment_ids, ffi::AnyBuffer o, ffi::Buffer<ffi::F32> lse,
+                    ffi::AnyBuffer dout, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                    ffi::Result<ffi::AnyBuffer> dv) {
+  Dims s;
+  if (auto err = dims_of(q, k, &s); err.failure()) return err;
+  const int32_t* seg = segment_ids.typed_data();
+  const float* lse_in = lse.typed_data();
+  if (q.element_type() == ffi::F32) {
+    parallel_for(pool, s.B * s.K, [&](long pair) {
+      backward_pair<float>(s, data<float>(q), data<float>(k), data<float>(v), seg, data<float>(o), lse_in,
+                           data<float>(dout), data<float>(*dq), data<float>(*dk), data<float>(*dv), pair);
+    });
+  } else if (q.element_type() == ffi::BF16) {
+    parallel_for(pool, s.B * s.K, [&](long pair) {
+      backward_pair<uint16_t>(s, data<uint16_t>(q), data<uint16_t>(k), data<uint16_t>(v), seg, data<uint16_t>(o),
+                              lse_in, data<uint16_t>(dout), data<uint16_t>(*dq), data<uint16_t>(*dk),
+                              data<uint16_t>(*dv), pair);
+    });
+  } else {
+    return ffi::Error::InvalidArgument("flash_cpu takes f32 or bf16");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmxFlashForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmxFlashBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
