@@ -45,7 +45,7 @@ inline vfloat load(const float* p) {
   return v;
 }
 inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
-inline vfloat splat(float x) { return vfloat{} + x; }
+inline vfloat splat(float x) { return vfloat{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
 // ------------------------------------------------------------------ element types
 
@@ -109,7 +109,10 @@ inline void gemm_tile(int K, const float* a, long a_row, long a_col, const float
     for (int v = 0; v < NV; ++v) acc[r][v] = kAccumulate ? load(c + r * c_row + v * kLanes) : vfloat{};
   for (int k = 0; k < K; ++k) {
     vfloat bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = load(b + k * b_row + v * kLanes);
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = load(b + k * b_row + v * kLanes);
+      __asm__("" : "+v"(bv[v]));  // keep B's row in registers: GCC otherwise reloads it for every row of A
+    }
     for (int r = 0; r < 4; ++r) {
       vfloat av = splat(a[r * a_row + k * a_col]);
       for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
