@@ -170,6 +170,29 @@ def test_cpu_attention_refusals_are_one_config_error(monkeypatch):
     assert not faster_than_xla(jnp.bfloat16)
 
 
+def test_cpu_kernel_without_a_compiler_and_with_a_damaged_cached_library(monkeypatch, tmp_path):
+    """No compiler: unavailable, with the reason. A damaged library in the cache (dlopen of a truncated
+    shared object dies with SIGBUS) is found by its recorded digest and rebuilt, in a fresh process."""
+    import sys
+
+    from llmx.attention import cpu
+
+    monkeypatch.setattr(cpu.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    assert cpu._load.__wrapped__() == (False, "no C++ compiler found (set CXX or install g++)")
+    monkeypatch.undo()
+    path = Path(tmp_path) / "flash_cpu" / cpu._library_path(cpu._compiler()).name
+    cpu._build(cpu._compiler(), path)
+    assert cpu._intact(path)
+    path.write_bytes(path.read_bytes()[:1000])
+    assert not cpu._intact(path)
+    code = "from llmx.attention import cpu; print(cpu.available())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env=dict(os.environ, LLMX_CACHE_DIR=str(tmp_path), PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr[-3000:]
+    assert "is damaged; rebuilding it" in proc.stderr and cpu._intact(path)
+
+
 def test_every_attention_choice_has_a_kernel():
     """model.attention's choices are the ATTENTION table plus auto, and auto resolves into the table."""
     from llmx.attention import ATTENTION, AUTO

@@ -67,8 +67,22 @@ def _library_path(compiler: str) -> Path:
     return _cache_dir() / f"libllmx_flash_cpu-{_key(compiler)}.so"
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(target: Path) -> bool:
+    """Whether `target` is the library a build wrote: its digest matches the one recorded beside it
+    (loading a damaged shared object can kill the process with SIGBUS instead of raising)."""
+    try:
+        return target.with_suffix(".sha256").read_text().strip() == _digest(target)
+    except OSError:
+        return False
+
+
 def _build(compiler: str, target: Path) -> None:
-    """Compile SOURCE into `target` (atomically: concurrent runs each build into a temporary file)."""
+    """Compile SOURCE into `target`, and its digest beside it (atomically: concurrent runs each build
+    into a temporary file)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
@@ -77,7 +91,10 @@ def _build(compiler: str, target: Path) -> None:
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed: {result.stderr.strip()[-2000:]}")
+        digest = Path(tmp) / "digest"
+        digest.write_text(_digest(out))
         os.replace(out, target)
+        os.replace(digest, target.with_suffix(".sha256"))
 
 
 @functools.cache
@@ -85,17 +102,23 @@ def _load() -> tuple[bool, str]:
     """Build (once per CPU and source) and register the FFI handlers; (ok, reason if not)."""
     compiler = _compiler()
     if compiler is None:
-        return False, "no C++ compiler found (set CXX or install g++)"
+        reason = "no C++ compiler found (set CXX or install g++)"
+        log.info("CPU flash-attention kernel unavailable: %s; attention runs as XLA einsums", reason)
+        return False, reason
     path = _library_path(compiler)
     try:
-        if not path.exists():
+        if path.exists() and not _intact(path):
+            log.warning("the cached CPU flash-attention kernel %s is damaged; rebuilding it", path)
+        if not _intact(path):
             log.info("compiling the CPU flash-attention kernel (%s, once per CPU) into %s", Path(compiler).name, path)
             _build(compiler, path)
         library = ctypes.cdll.LoadLibrary(str(path))
         jax.ffi.register_ffi_target(FORWARD, jax.ffi.pycapsule(library.LlmxFlashForward), platform="cpu")
         jax.ffi.register_ffi_target(BACKWARD, jax.ffi.pycapsule(library.LlmxFlashBackward), platform="cpu")
     except (OSError, RuntimeError) as e:
-        return False, f"building the CPU flash-attention kernel failed: {e}"
+        reason = f"building the CPU flash-attention kernel failed: {e}"
+        log.warning("%s; attention runs as XLA einsums", reason)
+        return False, reason
     return True, ""
 
 
