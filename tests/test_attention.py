@@ -84,15 +84,25 @@ def test_triton_attention_in_interpret_mode_matches_reference(dtype):
     check_forward_and_grads(jax.jit(lambda q, k, v, s: triton_attention(q, k, v, s, interpret=True)), dtype, T=256)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype, variant", [(jnp.float32, "native"), (jnp.bfloat16, "native"), (jnp.bfloat16, "wide")])
 @pytest.mark.parametrize("T", [32, 100, 256])
-def test_cpu_flash_attention_matches_reference(dtype, T):
-    """llmx's C++ kernel (built on first use): grouped-query heads, documents crossing its 64-row tiles, a
-    length that is not a multiple of the tile."""
-    from llmx.attention import cpu, flash_cpu_attention
+def test_cpu_flash_attention_matches_reference(dtype, variant, T):
+    """llmx's C++ kernel (built on first use), both builds (bf16 dot instructions where the CPU has them, and
+    bf16 widened to fp32): grouped-query heads, documents crossing its 64-row tiles, a length that is not
+    a multiple of the tile."""
+    from llmx.attention import cpu
 
     assert cpu.available(), cpu.unavailable_reason()
-    check_forward_and_grads(jax.jit(flash_cpu_attention), dtype, T=T)
+    check_forward_and_grads(jax.jit(cpu.variant_attention(variant)), dtype, T=T)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cpu_flash_attention_built_for_avx2_matches_reference(monkeypatch, dtype):
+    """The 8-float-vector code a CPU without AVX-512 compiles (Zen 3), built here with -mno-avx512f."""
+    from llmx.attention import cpu
+
+    monkeypatch.setitem(cpu.VARIANTS, "avx2", ["-DLLMX_FLASH_NO_BF16_DOTS", "-mno-avx512f"])
+    check_forward_and_grads(jax.jit(cpu.variant_attention("avx2")), dtype, T=100)
 
 
 def test_cpu_flash_attention_agrees_with_xla_in_a_train_step():
@@ -134,7 +144,7 @@ def test_auto_on_one_cpu_device_follows_the_probe(monkeypatch, tmp_path):
     monkeypatch.setenv("LLMX_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cpu, "_PROBES", {})
     monkeypatch.setattr(cpu, "available", lambda: True)
-    timings = {"cpu": 1.0, "xla": 2.0}
+    timings = {"native": 1.0, "wide": 1.5, "xla": 2.0}
     calls = []
     monkeypatch.setattr(cpu, "measure", lambda dtype: calls.append(dtype) or dict(timings))
     assert resolve("auto", jnp.bfloat16, "cpu", 1) == "cpu"
@@ -142,8 +152,10 @@ def test_auto_on_one_cpu_device_follows_the_probe(monkeypatch, tmp_path):
     assert resolve("auto", jnp.float16, "cpu", 1) == "xla"
     cpu._PROBES.clear()  # a new process: the file answers
     assert resolve("auto", jnp.bfloat16, "cpu", 1) == "cpu" and calls == [jnp.bfloat16]
-    timings.update(cpu=3.0)
+    assert cpu.best_variant(jnp.bfloat16) == "native"
+    timings.update(native=3.0, wide=2.5)
     assert resolve("auto", jnp.float32, "cpu", 1) == "xla" and calls == [jnp.bfloat16, jnp.float32]
+    assert cpu.best_variant(jnp.float32) == "wide"  # the faster build, though both lose to xla here
     assert (tmp_path / "flash_cpu" / "probe.json").exists()
     with pytest.raises(ConfigError, match="cudnn"):
         resolve("cudnn", jnp.float32)

@@ -91,11 +91,17 @@ def test_plan_for_h100_compiles_cudnn_attention_and_triton_optimizer_kernels():
 
 
 def test_plan_names_the_kernels_it_used_on_cpu():
-    """On a CPU mesh: XLA attention and the Pallas optimizer's jnp reference (Pallas only interprets)."""
+    """On CPU meshes: on one device the cpu flash kernel where its probe beat XLA attention, XLA attention
+    on several; the Pallas optimizer's jnp reference (Pallas only interprets)."""
+    from llmx.attention import cpu
+
     cfg = config_lib.load(None, ["optim.impl=pallas"])
+    one_device = "cpu" if cpu.faster_than_xla(cfg.model.dtype) else "xla"
+    optimizer = "jnp reference of the Pallas adamw kernel (Pallas only interprets on cpu)"
     assert plan_lib.kernels(cfg, make_mesh(cfg.mesh, jax.devices()[:1])) == {
-        "attention": "xla (model.attention=auto)",
-        "optimizer": "jnp reference of the Pallas adamw kernel (Pallas only interprets on cpu)"}
+        "attention": f"{one_device} (model.attention=auto)", "optimizer": optimizer}
+    assert plan_lib.kernels(cfg, make_mesh(cfg.mesh, jax.devices()[:8])) == {
+        "attention": "xla (model.attention=auto)", "optimizer": optimizer}
 
 
 def test_unknown_target_and_missing_extra_are_one_line_errors(subprocess_env):

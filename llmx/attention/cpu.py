@@ -10,11 +10,14 @@ and an explicit `model.attention=cpu` is a one-line error.
 The kernel takes q (B, T, H, Dh), k, v (B, T, K, Dh) in f32 or bf16 and segment ids (B, T), and
 computes causal document-masked attention in 64 x 64 tiles with fp32 statistics (FlashAttention-2,
 forward and recomputing backward); see the comment at the top of `flash_cpu.cc` for why it exists.
-It runs unpartitioned, so it is used on one-device CPU meshes only (`supports`).
+It runs unpartitioned, so it is used on one-device CPU meshes only (`llmx.attention.resolve`).
 
-`model.attention=auto` takes it on a one-device CPU mesh when `faster_than_xla` says so: a probe,
-run once per CPU, kernel source and dtype and cached next to the library, that times forward plus
-backward of the bench model's attention shape both ways (the matmul probe's pattern, llmx.matmul).
+Two builds (`VARIANTS`): "native" multiplies bf16 inputs with AVX512-BF16 dot instructions where the
+CPU has them, "wide" widens them to fp32 FMAs (f32 inputs take FMAs in both). `model.attention=auto`
+takes the kernel on a one-device CPU mesh when `faster_than_xla` says so: a probe, run once per CPU,
+kernel source and dtype and cached next to the library, that times forward plus backward of the bench
+model's attention shape by each build and by the XLA einsums (the matmul probe's pattern, llmx.matmul);
+the fastest build runs (`best_variant`).
 """
 
 from __future__ import annotations
@@ -63,8 +66,17 @@ def _key(*extra: str) -> str:
     return hashlib.sha256(b"|".join(parts)).hexdigest()[:16]
 
 
-def _library_path(compiler: str) -> Path:
-    return _cache_dir() / f"libllmx_flash_cpu-{_key(compiler)}.so"
+# Builds of flash_cpu.cc: "native" multiplies bf16 inputs with AVX512-BF16 dot instructions where the
+# CPU has them (elsewhere it is the same as "wide"); "wide" widens bf16 to fp32 and uses FMAs.
+VARIANTS = {"native": [], "wide": ["-DLLMX_FLASH_NO_BF16_DOTS"]}
+
+
+def _targets(variant: str) -> tuple[str, str]:
+    return f"{FORWARD}_{variant}", f"{BACKWARD}_{variant}"
+
+
+def _library_path(compiler: str, variant: str = "native") -> Path:
+    return _cache_dir() / f"libllmx_flash_cpu-{variant}-{_key(compiler, *VARIANTS[variant])}.so"
 
 
 def _digest(path: Path) -> str:
@@ -80,14 +92,14 @@ def _intact(target: Path) -> bool:
         return False
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: str, target: Path, flags: list[str] = ()) -> None:
     """Compile SOURCE into `target`, and its digest beside it (atomically: concurrent runs each build
     into a temporary file)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-isystem", jax.ffi.include_dir(),
-               str(SOURCE), "-o", str(out)]
+        cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", *flags, "-isystem",
+               jax.ffi.include_dir(), str(SOURCE), "-o", str(out)]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed: {result.stderr.strip()[-2000:]}")
@@ -97,24 +109,30 @@ def _build(compiler: str, target: Path) -> None:
         os.replace(digest, target.with_suffix(".sha256"))
 
 
+# variant -> whether its build multiplies bf16 with bf16 dot instructions, once loaded.
+_BF16_DOTS: dict[str, bool] = {}
+
+
 @functools.cache
-def _load() -> tuple[bool, str]:
-    """Build (once per CPU and source) and register the FFI handlers; (ok, reason if not)."""
+def _load(variant: str = "native") -> tuple[bool, str]:
+    """Build (once per CPU, source and variant) and register the FFI handlers; (ok, reason if not)."""
     compiler = _compiler()
     if compiler is None:
         reason = "no C++ compiler found (set CXX or install g++)"
         log.info("CPU flash-attention kernel unavailable: %s; attention runs as XLA einsums", reason)
         return False, reason
-    path = _library_path(compiler)
+    path = _library_path(compiler, variant)
     try:
         if path.exists() and not _intact(path):
             log.warning("the cached CPU flash-attention kernel %s is damaged; rebuilding it", path)
         if not _intact(path):
             log.info("compiling the CPU flash-attention kernel (%s, once per CPU) into %s", Path(compiler).name, path)
-            _build(compiler, path)
+            _build(compiler, path, VARIANTS[variant])
         library = ctypes.cdll.LoadLibrary(str(path))
-        jax.ffi.register_ffi_target(FORWARD, jax.ffi.pycapsule(library.LlmxFlashForward), platform="cpu")
-        jax.ffi.register_ffi_target(BACKWARD, jax.ffi.pycapsule(library.LlmxFlashBackward), platform="cpu")
+        forward, backward = _targets(variant)
+        jax.ffi.register_ffi_target(forward, jax.ffi.pycapsule(library.LlmxFlashForward), platform="cpu")
+        jax.ffi.register_ffi_target(backward, jax.ffi.pycapsule(library.LlmxFlashBackward), platform="cpu")
+        _BF16_DOTS[variant] = bool(library.LlmxFlashBf16Dots())
     except (OSError, RuntimeError) as e:
         reason = f"building the CPU flash-attention kernel failed: {e}"
         log.warning("%s; attention runs as XLA einsums", reason)
@@ -131,46 +149,56 @@ def unavailable_reason() -> str:
     return _load()[1]
 
 
+def bf16_dots() -> bool:
+    """Whether this CPU's build multiplies bf16 inputs with bf16 dot instructions (AVX512-BF16)."""
+    return available() and _BF16_DOTS["native"]
+
+
 def supports(q_shape, dtype) -> bool:
     """Whether `flash_cpu_attention` handles q of this shape and dtype: f32/bf16, head_dim a multiple of 16."""
     return jnp.dtype(dtype) in [jnp.dtype(d) for d in DTYPES] and q_shape[-1] % 16 == 0
 
 
-def _registered() -> None:
-    ok, reason = _load()
-    if not ok:
-        raise RuntimeError(reason)
+@functools.cache
+def variant_attention(variant: str):
+    """Causal document-masked attention of q (B, T, H, Dh) over k, v (B, T, K, Dh) -> (B, T, H, Dh) by
+    the `variant` build of the kernel, with its backward kernel as the VJP."""
+    forward, backward = _targets(variant)
+
+    def forward_call(q, k, v, segment_ids):
+        ok, reason = _load(variant)
+        if not ok:
+            raise RuntimeError(reason)
+        B, T, H, _ = q.shape
+        out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
+        return jax.ffi.ffi_call(forward, out)(q, k, v, segment_ids.astype(jnp.int32))
+
+    @jax.custom_vjp
+    def attention(q, k, v, segment_ids):
+        return forward_call(q, k, v, segment_ids)[0]
+
+    def fwd(q, k, v, segment_ids):
+        out, lse = forward_call(q, k, v, segment_ids)
+        # Named like attention's einsums in xla: model.remat=dots_saveable keeps them, the policies that
+        # save only projections recompute the forward kernel in the backward pass.
+        out, lse = checkpoint_name(out, DOT), checkpoint_name(lse, DOT)
+        return out, (q, k, v, segment_ids, out, lse)
+
+    def bwd(residuals, g):
+        q, k, v, segment_ids, out, lse = residuals
+        shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
+        dq, dk, dv = jax.ffi.ffi_call(backward, shapes)(q, k, v, segment_ids.astype(jnp.int32), out, lse,
+                                                        g.astype(q.dtype))
+        return dq, dk, dv, None
+
+    attention.defvjp(fwd, bwd)
+    return attention
 
 
-def _forward_call(q, k, v, segment_ids):
-    _registered()
-    B, T, H, _ = q.shape
-    out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
-    return jax.ffi.ffi_call(FORWARD, out)(q, k, v, segment_ids.astype(jnp.int32))
-
-
-@jax.custom_vjp
 def flash_cpu_attention(q, k, v, segment_ids):
-    """Causal document-masked attention of q (B, T, H, Dh) over k, v (B, T, K, Dh) -> (B, T, H, Dh)."""
-    return _forward_call(q, k, v, segment_ids)[0]
-
-
-def _fwd(q, k, v, segment_ids):
-    out, lse = _forward_call(q, k, v, segment_ids)
-    # Named like attention's einsums in xla: model.remat=dots_saveable keeps them, the policies that save
-    # only projections recompute the forward kernel in the backward pass.
-    out, lse = checkpoint_name(out, DOT), checkpoint_name(lse, DOT)
-    return out, (q, k, v, segment_ids, out, lse)
-
-
-def _bwd(residuals, g):
-    q, k, v, segment_ids, out, lse = residuals
-    shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-    dq, dk, dv = jax.ffi.ffi_call(BACKWARD, shapes)(q, k, v, segment_ids.astype(jnp.int32), out, lse, g.astype(q.dtype))
-    return dq, dk, dv, None
-
-
-flash_cpu_attention.defvjp(_fwd, _bwd)
+    """Causal document-masked attention of q (B, T, H, Dh) over k, v (B, T, K, Dh) -> (B, T, H, Dh), by
+    the build the probe chose for this CPU and dtype (`best_variant`)."""
+    return variant_attention(best_variant(q.dtype))(q, k, v, segment_ids)
 
 
 # ---------------------------------------------------------------- the probe behind model.attention=auto
@@ -180,8 +208,9 @@ _PROBES: dict[str, dict] = {}
 
 
 def measure(dtype, *, shape=PROBE_SHAPE, repeats: int = 5) -> dict:
-    """Best seconds of one jitted forward + backward of causal attention of `shape`, by this kernel
-    ('cpu') and by the XLA einsums ('xla'), on the host CPU."""
+    """Best seconds of one jitted forward + backward of causal attention of `shape` on the host CPU, by
+    each build of the kernel that differs here ('native', and 'wide' for bf16 on a CPU with bf16 dot
+    instructions) and by the XLA einsums ('xla')."""
     from llmx.attention.xla import xla_attention
 
     B, T, H, K, Dh = shape
@@ -191,8 +220,11 @@ def measure(dtype, *, shape=PROBE_SHAPE, repeats: int = 5) -> dict:
     k, v = (jax.device_put(jax.random.normal(kk, (B, T, K, Dh), dtype), device) for kk in keys[1:3])
     g = jax.device_put(jax.random.normal(keys[3], (B, T, H, Dh), dtype), device)
     segment_ids = jax.device_put(jnp.ones((B, T), jnp.int32), device)
+    candidates = {"native": variant_attention("native"), "xla": xla_attention}
+    if jnp.dtype(dtype) == jnp.bfloat16 and bf16_dots():
+        candidates["wide"] = variant_attention("wide")
     result = {}
-    for name, fn in (("cpu", flash_cpu_attention), ("xla", xla_attention)):
+    for name, fn in candidates.items():
         step = jax.jit(lambda q, k, v, g, fn=fn: jax.vjp(lambda *a: fn(*a, segment_ids), q, k, v)[1](g))
         jax.block_until_ready(step(q, k, v, g))
         best = float("inf")
@@ -217,11 +249,11 @@ def probe(dtype) -> dict:
         cached = {}
     if not isinstance(cached, dict):
         cached = {}
-    if not isinstance(cached.get(key), dict) or not {"cpu", "xla"} <= cached[key].keys():
+    if not isinstance(cached.get(key), dict) or not {"native", "xla"} <= cached[key].keys():
         with jax.ensure_compile_time_eval():  # the first call may come while a model is being traced
             cached[key] = measure(dtype)
-        log.info("CPU attention probe (%s, %s): flash kernel %.2f ms, XLA einsums %.2f ms per forward+backward",
-                 name, "x".join(map(str, PROBE_SHAPE)), cached[key]["cpu"] * 1e3, cached[key]["xla"] * 1e3)
+        log.info("CPU attention probe (%s, %s), ms per forward+backward: %s", name, "x".join(map(str, PROBE_SHAPE)),
+                 ", ".join(f"{k} {v * 1e3:.2f}" for k, v in cached[key].items()))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cached))
@@ -230,10 +262,16 @@ def probe(dtype) -> dict:
     return cached[key]
 
 
+def best_variant(dtype) -> str:
+    """The build of the kernel the probe timed fastest for `dtype` on this CPU."""
+    times = probe(dtype)
+    return min((v for v in VARIANTS if v in times), key=times.__getitem__)
+
+
 def faster_than_xla(dtype) -> bool:
     """Whether `model.attention=auto` should take this kernel for `dtype` on this CPU: it builds, takes
-    the dtype, and the cached probe timed it faster than the XLA einsums."""
+    the dtype, and the cached probe timed its best build faster than the XLA einsums."""
     if jnp.dtype(dtype) not in [jnp.dtype(d) for d in DTYPES] or not available():
         return False
     times = probe(dtype)
-    return times["cpu"] < times["xla"]
+    return times[best_variant(dtype)] < times["xla"]

@@ -15,8 +15,10 @@
 // Work is split over (batch, key/value head) pairs on XLA's intra-op thread pool: a pair owns its dK/dV,
 // so the backward needs no atomics.
 //
-// Arithmetic: products and sums in fp32 (bf16 inputs are widened exactly); the matmul inner loops are
-// GCC vector extensions, compiled with -march=native, so the same source uses AVX-512 or AVX2.
+// Arithmetic: sums and softmax statistics in fp32. f32 inputs, and bf16 inputs on a CPU without
+// AVX512-BF16 (or built with -DLLMX_FLASH_NO_BF16_DOTS), are widened to fp32 and multiplied with FMAs in
+// GCC vector extensions (compiled with -march=native, so the same source uses AVX-512 or AVX2); bf16
+// inputs on a CPU with AVX512-BF16 are multiplied with vdpbf16ps (see "bf16 dot products" below).
 
 #include <algorithm>
 #include <atomic>
@@ -36,7 +38,13 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kBlock = 64;  // query and key tile rows
-constexpr int kLanes = 16;  // floats per vector
+// Floats per vector, and rows of C per matmul tile: 4 rows x 4 vectors of accumulators plus B's row
+// and a broadcast fit AVX-512's 32 registers; AVX2 has 16 registers of 8 floats, hence 2 rows.
+#ifdef __AVX512F__
+constexpr int kLanes = 16, kRows = 4;
+#else
+constexpr int kLanes = 8, kRows = 2;
+#endif
 typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
 
 inline vfloat load(const float* p) {
@@ -45,7 +53,11 @@ inline vfloat load(const float* p) {
   return v;
 }
 inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+#ifdef __AVX512F__
 inline vfloat splat(float x) { return vfloat{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+#else
+inline vfloat splat(float x) { return vfloat{x, x, x, x, x, x, x, x}; }
+#endif
 
 // ------------------------------------------------------------------ element types
 
@@ -99,13 +111,13 @@ inline vfloat vexp(vfloat x) {
 //
 // C (M x N) += A (M x K) * B (K x N): A read element by element at a[i * a_row + k * a_col] (so a
 // transposed A costs nothing), B and C row-major with N contiguous. M is a multiple of 4 and N of 16.
-// Four rows x four vectors of C stay in registers while k runs.
+// kRows rows x four vectors of C stay in registers while k runs.
 
 template <int NV, bool kAccumulate>
 inline void gemm_tile(int K, const float* a, long a_row, long a_col, const float* b, long b_row, float* c,
                       long c_row) {
-  vfloat acc[4][NV];
-  for (int r = 0; r < 4; ++r)
+  vfloat acc[kRows][NV];
+  for (int r = 0; r < kRows; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = kAccumulate ? load(c + r * c_row + v * kLanes) : vfloat{};
   for (int k = 0; k < K; ++k) {
     vfloat bv[NV];
@@ -113,12 +125,12 @@ inline void gemm_tile(int K, const float* a, long a_row, long a_col, const float
       bv[v] = load(b + k * b_row + v * kLanes);
       __asm__("" : "+v"(bv[v]));  // keep B's row in registers: GCC otherwise reloads it for every row of A
     }
-    for (int r = 0; r < 4; ++r) {
+    for (int r = 0; r < kRows; ++r) {
       vfloat av = splat(a[r * a_row + k * a_col]);
       for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
     }
   }
-  for (int r = 0; r < 4; ++r)
+  for (int r = 0; r < kRows; ++r)
     for (int v = 0; v < NV; ++v) store(c + r * c_row + v * kLanes, acc[r][v]);
 }
 
@@ -126,7 +138,7 @@ inline void gemm_tile(int K, const float* a, long a_row, long a_col, const float
 template <bool kAccumulate = true>
 void gemm(int M, int N, int K, const float* a, long a_row, long a_col, const float* b, long b_row, float* c,
           long c_row) {
-  for (int i = 0; i < M; i += 4) {
+  for (int i = 0; i < M; i += kRows) {
     const float* ai = a + i * a_row;
     float* ci = c + i * c_row;
     int n = 0;
@@ -212,11 +224,9 @@ std::vector<long> uniform_blocks(const Dims& s, const int32_t* seg) {
   return out;
 }
 
-// Scores of a query tile against a key tile, masked to -inf where the key is in the future or in
-// another document (and for padding keys). A tile wholly in the past of one document skips the mask.
-void scores_tile(const Dims& s, const float* q, const float* kt, long q0, long k0, const int32_t* seg,
-                 const std::vector<long>& uniform, float* out) {
-  gemm<false>(kBlock, kBlock, s.D, q, s.D, 1, kt + k0, s.Tp, out, kBlock);
+// Masks a 64 x 64 score tile to -inf where the key is in the future or in another document (and for
+// padding keys). A tile wholly in the past of one document needs no mask.
+void mask_tile(const Dims& s, long q0, long k0, const int32_t* seg, const std::vector<long>& uniform, float* out) {
   const long uq = uniform[q0 / kBlock], uk = uniform[k0 / kBlock];
   if (k0 + kBlock <= q0 && uq >= 0 && uq == uk) return;
   vint key_seg[kBlock / kLanes], key_pos[kBlock / kLanes];
@@ -249,6 +259,65 @@ inline float hsum(vfloat x) {
   return total;
 }
 
+// The online softmax of one masked score tile (FlashAttention-2 Alg. 1): running max m and sum l per
+// row, the tile turned into exp(s - m) in place, the output accumulator acc (64 x D) rescaled.
+void online_softmax(float* sc, float* m, float* l, float* acc, long D) {
+  for (long i = 0; i < kBlock; ++i) {
+    float* row = sc + i * kBlock;
+    vfloat mv = load(row);
+    for (long j = kLanes; j < kBlock; j += kLanes) mv = mv > load(row + j) ? mv : load(row + j);
+    const float mx = std::max(m[i], hmax(mv));
+    if (mx == -INFINITY) {  // no live key so far (a document that starts later, a padding row)
+      std::fill(row, row + kBlock, 0.0f);
+      continue;
+    }
+    const float alpha = std::exp(m[i] - mx);
+    vfloat sum{};
+    for (long j = 0; j < kBlock; j += kLanes) {
+      vfloat p = vexp(load(row + j) - mx);
+      store(row + j, p);
+      sum += p;
+    }
+    l[i] = l[i] * alpha + hsum(sum);
+    m[i] = mx;
+    if (alpha != 1.0f) {
+      float* a = acc + i * D;
+      for (long d = 0; d < D; d += kLanes) store(a + d, load(a + d) * alpha);
+    }
+  }
+}
+
+// Probabilities of a masked score tile from the forward's log-sum-exp per row, in place.
+void probabilities(float* p, const float* row_lse) {
+  for (long i = 0; i < kBlock; ++i) {
+    float* row = p + i * kBlock;
+    for (long j = 0; j < kBlock; j += kLanes) store(row + j, vexp(load(row + j) - row_lse[i]));
+  }
+}
+
+// dS = P * (dP - delta), into dp.
+void score_grads(float* dp, const float* p, const float* delta) {
+  for (long i = 0; i < kBlock; ++i) {
+    const vfloat di = splat(delta[i]);
+    for (long j = 0; j < kBlock; j += kLanes)
+      store(dp + i * kBlock + j, load(p + i * kBlock + j) * (load(dp + i * kBlock + j) - di));
+  }
+}
+
+// delta_i = sum_d dO_i,d O_i,d for the tile's rows (0 for padding rows), and their log-sum-exp (+inf for
+// padding rows, so their probabilities are 0).
+template <typename T>
+void row_stats(const Dims& s, const T* dout, const T* o, const float* lse, long offset, long stride, long rows,
+               long lse_offset, float* delta, float* row_lse) {
+  for (long i = 0; i < kBlock; ++i) {
+    float sum = 0.0f;
+    if (i < rows)
+      for (long d = 0; d < s.D; ++d) sum += to_float(dout[offset + i * stride + d]) * to_float(o[offset + i * stride + d]);
+    delta[i] = sum;
+    row_lse[i] = i < rows ? lse[lse_offset + i] : INFINITY;
+  }
+}
+
 // ------------------------------------------------------------------ forward
 
 template <typename T>
@@ -271,30 +340,9 @@ void forward_pair(const Dims& s, const T* q, const T* k, const T* v, const int32
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (long k0 = 0; k0 < q0 + rows; k0 += kBlock) {
-        scores_tile(s, qt.data(), kt.data(), q0, k0, seg, uniform, sc.data());
-        for (long i = 0; i < kBlock; ++i) {
-          float* row = sc.data() + i * kBlock;
-          vfloat mv = load(row);
-          for (long j = kLanes; j < kBlock; j += kLanes) mv = mv > load(row + j) ? mv : load(row + j);
-          const float mx = std::max(m[i], hmax(mv));
-          if (mx == -INFINITY) {  // no live key so far (a document that starts later, a padding row)
-            std::fill(row, row + kBlock, 0.0f);
-            continue;
-          }
-          const float alpha = std::exp(m[i] - mx);
-          vfloat sum{};
-          for (long j = 0; j < kBlock; j += kLanes) {
-            vfloat p = vexp(load(row + j) - mx);
-            store(row + j, p);
-            sum += p;
-          }
-          l[i] = l[i] * alpha + hsum(sum);
-          m[i] = mx;
-          if (alpha != 1.0f) {
-            float* a = acc.data() + i * D;
-            for (long d = 0; d < D; d += kLanes) store(a + d, load(a + d) * alpha);
-          }
-        }
+        gemm<false>(kBlock, kBlock, D, qt.data(), D, 1, kt.data() + k0, s.Tp, sc.data(), kBlock);  // S = Qs K^T
+        mask_tile(s, q0, k0, seg, uniform, sc.data());
+        online_softmax(sc.data(), m.data(), l.data(), acc.data(), D);
         gemm(kBlock, D, kBlock, sc.data(), kBlock, 1, vr.data() + k0 * D, D, acc.data(), D);
       }
       for (long i = 0; i < rows; ++i) {
@@ -331,28 +379,14 @@ void backward_pair(const Dims& s, const T* q, const T* k, const T* v, const int3
       std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
       widen_rows(q + offset, stride, rows, D, s.scale, qt.data());
       widen_rows(dout + offset, stride, rows, D, 1.0f, dot.data());
-      for (long i = 0; i < kBlock; ++i) {
-        float sum = 0.0f;
-        if (i < rows)
-          for (long d = 0; d < D; ++d) sum += dot[i * D + d] * to_float(o[offset + i * stride + d]);
-        delta[i] = sum;
-        row_lse[i] = i < rows ? lse[(b * s.H + h) * s.T + q0 + i] : INFINITY;
-      }
+      row_stats(s, dout, o, lse, offset, stride, rows, (b * s.H + h) * s.T + q0, delta.data(), row_lse.data());
       for (long k0 = 0; k0 < q0 + rows; k0 += kBlock) {
-        scores_tile(s, qt.data(), kt.data(), q0, k0, seg, uniform, p.data());
-        for (long i = 0; i < kBlock; ++i) {  // probabilities from the forward's log-sum-exp
-          float* row = p.data() + i * kBlock;
-          const float shift = row_lse[i];
-          for (long j = 0; j < kBlock; j += kLanes) store(row + j, vexp(load(row + j) - shift));
-        }
+        gemm<false>(kBlock, kBlock, D, qt.data(), D, 1, kt.data() + k0, s.Tp, p.data(), kBlock);  // S = Qs K^T
+        mask_tile(s, q0, k0, seg, uniform, p.data());
+        probabilities(p.data(), row_lse.data());
         gemm(kBlock, D, kBlock, p.data(), 1, kBlock, dot.data(), D, dv_acc.data() + k0 * D, D);  // dV += P^T dO
         gemm<false>(kBlock, kBlock, D, dot.data(), D, 1, vt.data() + k0, s.Tp, dp.data(), kBlock);  // dP = dO V^T
-        for (long i = 0; i < kBlock; ++i) {  // dS = P * (dP - delta), into dp
-          float* ds = dp.data() + i * kBlock;
-          const float* pr = p.data() + i * kBlock;
-          const vfloat di = splat(delta[i]);
-          for (long j = 0; j < kBlock; j += kLanes) store(ds + j, load(pr + j) * (load(ds + j) - di));
-        }
+        score_grads(dp.data(), p.data(), delta.data());
         gemm(kBlock, D, kBlock, dp.data(), 1, kBlock, qt.data(), D, dk_acc.data() + k0 * D, D);  // dK += dS^T Qs
         gemm(kBlock, D, kBlock, dp.data(), kBlock, 1, kr.data() + k0 * D, D, dq_acc.data(), D);  // dQ += dS K
       }
@@ -369,6 +403,202 @@ void backward_pair(const Dims& s, const T* q, const T* k, const T* v, const int3
   }
 }
 
+// ------------------------------------------------------------------ bf16 dot products (AVX512-BF16)
+//
+// On a CPU with AVX512-BF16 (this file is compiled for the host), bf16 inputs take the same loops with
+// their matmuls as vdpbf16ps: bf16 x bf16 products summed in fp32, twice the FMA path's rate. The
+// probabilities and score gradients are rounded to bf16 for those matmuls, as XLA's bf16 attention
+// rounds them. An operand B is "paired" along the contraction: element (kk, n) is the 32-bit word
+// (B[2kk][n], B[2kk+1][n]), so one vector holds 16 columns' pairs; A is bf16 rows, read a pair at a time.
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(LLMX_FLASH_NO_BF16_DOTS)
+#include <immintrin.h>
+#define LLMX_BF16_DOTS 1
+static_assert(kLanes == 16, "the bf16 path works in 512-bit vectors");
+
+template <int NV, bool kAccumulate>
+inline void bf16_tile(long pairs, const uint16_t* a, long a_row, const uint32_t* b, long b_row, float* c, long c_row) {
+  __m512 acc[4][NV];
+  for (int r = 0; r < 4; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = kAccumulate ? _mm512_loadu_ps(c + r * c_row + v * kLanes) : _mm512_setzero_ps();
+  for (long kk = 0; kk < pairs; ++kk) {
+    __m512i bv[NV];
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = _mm512_loadu_si512(b + kk * b_row + v * kLanes);
+      __asm__("" : "+v"(bv[v]));
+    }
+    for (int r = 0; r < 4; ++r) {
+      uint32_t word;
+      std::memcpy(&word, a + r * a_row + 2 * kk, sizeof(word));
+      const __m512i av = _mm512_set1_epi32(static_cast<int>(word));
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)av, (__m512bh)bv[v]);
+    }
+  }
+  for (int r = 0; r < 4; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * c_row + v * kLanes, acc[r][v]);
+}
+
+// C (M x N) (+)= A (M x K bf16 rows) * B (K x N, paired: K/2 rows of N words). M % 4 == 0, N % 16 == 0, K even.
+template <bool kAccumulate = true>
+void gemm_bf16(int M, int N, int K, const uint16_t* a, long a_row, const uint32_t* b, long b_row, float* c,
+               long c_row) {
+  for (int i = 0; i < M; i += 4) {
+    int n = 0;
+    for (; n + 4 * kLanes <= N; n += 4 * kLanes)
+      bf16_tile<4, kAccumulate>(K / 2, a + i * a_row, a_row, b + n, b_row, c + i * c_row + n, c_row);
+    switch ((N - n) / kLanes) {
+      case 3: bf16_tile<3, kAccumulate>(K / 2, a + i * a_row, a_row, b + n, b_row, c + i * c_row + n, c_row); break;
+      case 2: bf16_tile<2, kAccumulate>(K / 2, a + i * a_row, a_row, b + n, b_row, c + i * c_row + n, c_row); break;
+      case 1: bf16_tile<1, kAccumulate>(K / 2, a + i * a_row, a_row, b + n, b_row, c + i * c_row + n, c_row); break;
+      default: break;
+    }
+  }
+}
+
+inline uint32_t pair(uint16_t lo, uint16_t hi) { return static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16; }
+
+// A 64 x 64 fp32 tile as bf16 rows (64 x 64).
+void tile_rows_bf16(const float* x, uint16_t* out) {
+  for (long i = 0; i < kBlock * kBlock; i += 2 * kLanes) {
+    const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + kLanes), _mm512_loadu_ps(x + i));
+    _mm512_storeu_si512(out + i, (__m512i)both);
+  }
+}
+
+// A 64 x 64 fp32 tile paired along its rows: out[ii][j] = (x[2ii][j], x[2ii+1][j]) (32 x 64 words).
+void tile_row_pairs(const float* x, uint32_t* out) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (long ii = 0; ii < kBlock / 2; ++ii)
+    for (long j = 0; j < kBlock; j += kLanes) {
+      const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + (2 * ii + 1) * kBlock + j),
+                                                _mm512_loadu_ps(x + 2 * ii * kBlock + j));
+      _mm512_storeu_si512(out + ii * kBlock + j, _mm512_permutexvar_epi16(interleave, (__m512i)both));
+    }
+}
+
+// One (batch, kv head) pair's keys and values, paired for the four shapes that read them, zero past T.
+struct PairedKV {
+  std::vector<uint32_t> kt, v, vt, k;  // K^T and V^T paired along D ((D/2) x Tp); V and K paired along keys ((Tp/2) x D)
+};
+
+void paired_kv(const Dims& s, const uint16_t* k, const uint16_t* v, long b, long kvh, bool backward, PairedKV* out) {
+  const long D = s.D, half = s.D / 2, stride = s.K * s.D;
+  const uint16_t* k0 = k + (b * s.T * s.K + kvh) * D;
+  const uint16_t* v0 = v + (b * s.T * s.K + kvh) * D;
+  auto along_d = [&](const uint16_t* x, std::vector<uint32_t>& dst) {
+    dst.assign(half * s.Tp, 0u);
+    for (long t = 0; t < s.T; ++t)
+      for (long dd = 0; dd < half; ++dd) dst[dd * s.Tp + t] = pair(x[t * stride + 2 * dd], x[t * stride + 2 * dd + 1]);
+  };
+  auto along_keys = [&](const uint16_t* x, std::vector<uint32_t>& dst) {
+    dst.assign(s.Tp / 2 * D, 0u);
+    for (long t = 0; t < s.T; ++t)
+      for (long d = 0; d < D; ++d) dst[t / 2 * D + d] |= static_cast<uint32_t>(x[t * stride + d]) << (16 * (t % 2));
+  };
+  along_d(k0, out->kt);
+  along_keys(v0, out->v);
+  if (backward) {
+    along_d(v0, out->vt);
+    along_keys(k0, out->k);
+  }
+}
+
+// A query tile's rows as bf16 (64 x D, zero past the last row), optionally scaled, and transposed (D x 64).
+void query_tile(const Dims& s, const uint16_t* src, long stride, long rows, float scale, uint16_t* out, uint16_t* out_t) {
+  std::fill(out, out + kBlock * s.D, uint16_t{0});
+  for (long i = 0; i < rows; ++i)
+    for (long d = 0; d < s.D; ++d)
+      out[i * s.D + d] = scale == 1.0f ? src[i * stride + d] : from_float<uint16_t>(to_float(src[i * stride + d]) * scale);
+  if (out_t)
+    for (long i = 0; i < kBlock; ++i)
+      for (long d = 0; d < s.D; ++d) out_t[d * kBlock + i] = out[i * s.D + d];
+}
+
+void forward_pair_bf16(const Dims& s, const uint16_t* q, const uint16_t* k, const uint16_t* v,
+                       const int32_t* segment_ids, uint16_t* o, float* lse, long pair_index) {
+  const long b = pair_index / s.K, kvh = pair_index % s.K, D = s.D;
+  PairedKV kv;
+  paired_kv(s, k, v, b, kvh, false, &kv);
+  std::vector<uint16_t> qt(kBlock * D), pt(kBlock * kBlock);
+  std::vector<float> sc(kBlock * kBlock), acc(kBlock * D), m(kBlock), l(kBlock);
+  const int32_t* seg = segment_ids + b * s.T;
+  const std::vector<long> uniform = uniform_blocks(s, seg);
+  for (long g = 0; g < s.G; ++g) {
+    const long h = kvh * s.G + g;
+    for (long q0 = 0; q0 < s.T; q0 += kBlock) {
+      const long rows = std::min<long>(kBlock, s.T - q0);
+      query_tile(s, q + ((b * s.T + q0) * s.H + h) * D, s.H * D, rows, s.scale, qt.data(), nullptr);
+      std::fill(m.begin(), m.end(), -INFINITY);
+      std::fill(l.begin(), l.end(), 0.0f);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (long k0 = 0; k0 < q0 + rows; k0 += kBlock) {
+        gemm_bf16<false>(kBlock, kBlock, D, qt.data(), D, kv.kt.data() + k0, s.Tp, sc.data(), kBlock);  // S = Qs K^T
+        mask_tile(s, q0, k0, seg, uniform, sc.data());
+        online_softmax(sc.data(), m.data(), l.data(), acc.data(), D);
+        tile_rows_bf16(sc.data(), pt.data());
+        gemm_bf16(kBlock, D, kBlock, pt.data(), kBlock, kv.v.data() + k0 / 2 * D, D, acc.data(), D);  // O += P V
+      }
+      for (long i = 0; i < rows; ++i) {
+        const float inv = 1.0f / l[i];
+        uint16_t* out = o + ((b * s.T + q0 + i) * s.H + h) * D;
+        for (long d = 0; d < D; ++d) out[d] = from_float<uint16_t>(acc[i * D + d] * inv);
+        lse[(b * s.H + h) * s.T + q0 + i] = m[i] + std::log(l[i]);
+      }
+    }
+  }
+}
+
+void backward_pair_bf16(const Dims& s, const uint16_t* q, const uint16_t* k, const uint16_t* v,
+                        const int32_t* segment_ids, const uint16_t* o, const float* lse, const uint16_t* dout,
+                        uint16_t* dq, uint16_t* dk, uint16_t* dv, long pair_index) {
+  const long b = pair_index / s.K, kvh = pair_index % s.K, D = s.D;
+  PairedKV kv;
+  paired_kv(s, k, v, b, kvh, true, &kv);
+  // dK and dV are accumulated transposed (D x Tp): dV^T += dO^T P and dK^T += Qs^T dS read P and dS
+  // paired along queries, which two rows of the tile give without a transpose.
+  std::vector<float> dkt(D * s.Tp, 0.0f), dvt(D * s.Tp, 0.0f);
+  std::vector<uint16_t> qt(kBlock * D), qt_t(D * kBlock), dot(kBlock * D), dot_t(D * kBlock), ds_rows(kBlock * kBlock);
+  std::vector<uint32_t> p_pairs(kBlock / 2 * kBlock), ds_pairs(kBlock / 2 * kBlock);
+  std::vector<float> p(kBlock * kBlock), dp(kBlock * kBlock), dq_acc(kBlock * D), delta(kBlock), row_lse(kBlock);
+  const int32_t* seg = segment_ids + b * s.T;
+  const std::vector<long> uniform = uniform_blocks(s, seg);
+  for (long g = 0; g < s.G; ++g) {
+    const long h = kvh * s.G + g;
+    for (long q0 = 0; q0 < s.T; q0 += kBlock) {
+      const long rows = std::min<long>(kBlock, s.T - q0);
+      const long offset = ((b * s.T + q0) * s.H + h) * D, stride = s.H * D;
+      query_tile(s, q + offset, stride, rows, s.scale, qt.data(), qt_t.data());
+      query_tile(s, dout + offset, stride, rows, 1.0f, dot.data(), dot_t.data());
+      row_stats(s, dout, o, lse, offset, stride, rows, (b * s.H + h) * s.T + q0, delta.data(), row_lse.data());
+      std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
+      for (long k0 = 0; k0 < q0 + rows; k0 += kBlock) {
+        gemm_bf16<false>(kBlock, kBlock, D, qt.data(), D, kv.kt.data() + k0, s.Tp, p.data(), kBlock);  // S = Qs K^T
+        mask_tile(s, q0, k0, seg, uniform, p.data());
+        probabilities(p.data(), row_lse.data());
+        tile_row_pairs(p.data(), p_pairs.data());
+        gemm_bf16(D, kBlock, kBlock, dot_t.data(), kBlock, p_pairs.data(), kBlock, dvt.data() + k0, s.Tp);  // dV^T += dO^T P
+        gemm_bf16<false>(kBlock, kBlock, D, dot.data(), D, kv.vt.data() + k0, s.Tp, dp.data(), kBlock);  // dP = dO V^T
+        score_grads(dp.data(), p.data(), delta.data());
+        tile_row_pairs(dp.data(), ds_pairs.data());
+        gemm_bf16(D, kBlock, kBlock, qt_t.data(), kBlock, ds_pairs.data(), kBlock, dkt.data() + k0, s.Tp);  // dK^T += Qs^T dS
+        tile_rows_bf16(dp.data(), ds_rows.data());
+        gemm_bf16(kBlock, D, kBlock, ds_rows.data(), kBlock, kv.k.data() + k0 / 2 * D, D, dq_acc.data(), D);  // dQ += dS K
+      }
+      for (long i = 0; i < rows; ++i)
+        for (long d = 0; d < D; ++d) dq[offset + i * stride + d] = from_float<uint16_t>(dq_acc[i * D + d] * s.scale);
+    }
+  }
+  for (long t = 0; t < s.T; ++t) {
+    const long offset = ((b * s.T + t) * s.K + kvh) * D;
+    for (long d = 0; d < D; ++d) {
+      dk[offset + d] = from_float<uint16_t>(dkt[d * s.Tp + t]);
+      dv[offset + d] = from_float<uint16_t>(dvt[d * s.Tp + t]);
+    }
+  }
+}
+#endif  // AVX512-BF16
+
 // ------------------------------------------------------------------ FFI entry points
 
 ffi::Error dims_of(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, Dims* s) {
@@ -377,7 +607,7 @@ ffi::Error dims_of(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, Dims* s) {
   s->B = qd[0], s->T = qd[1], s->H = qd[2], s->D = qd[3], s->K = kd[2];
   if (kd[0] != s->B || kd[1] != s->T || kd[3] != s->D || s->K == 0 || s->H % s->K)
     return ffi::Error::InvalidArgument("k, v must be (B, T, kv_heads, head_dim) with kv_heads dividing heads");
-  if (s->D % kLanes) return ffi::Error::InvalidArgument("head_dim must be a multiple of 16");
+  if (s->D % 16) return ffi::Error::InvalidArgument("head_dim must be a multiple of 16");
   s->G = s->H / s->K;
   s->Tp = (s->T + kBlock - 1) / kBlock * kBlock;
   s->scale = 1.0f / std::sqrt(static_cast<float>(s->D));
@@ -406,8 +636,13 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
     });
   } else if (q.element_type() == ffi::BF16) {
     parallel_for(pool, s.B * s.K, [&](long pair) {
+#ifdef LLMX_BF16_DOTS
+      forward_pair_bf16(s, data<uint16_t>(q), data<uint16_t>(k), data<uint16_t>(v), seg, data<uint16_t>(*o), lse_out,
+                        pair);
+#else
       forward_pair<uint16_t>(s, data<uint16_t>(q), data<uint16_t>(k), data<uint16_t>(v), seg, data<uint16_t>(*o),
                              lse_out, pair);
+#endif
     });
   } else {
     return ffi::Error::InvalidArgument("flash_cpu takes f32 or bf16");
@@ -430,9 +665,14 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
     });
   } else if (q.element_type() == ffi::BF16) {
     parallel_for(pool, s.B * s.K, [&](long pair) {
+#ifdef LLMX_BF16_DOTS
+      backward_pair_bf16(s, data<uint16_t>(q), data<uint16_t>(k), data<uint16_t>(v), seg, data<uint16_t>(o), lse_in,
+                         data<uint16_t>(dout), data<uint16_t>(*dq), data<uint16_t>(*dk), data<uint16_t>(*dv), pair);
+#else
       backward_pair<uint16_t>(s, data<uint16_t>(q), data<uint16_t>(k), data<uint16_t>(v), seg, data<uint16_t>(o),
                               lse_in, data<uint16_t>(dout), data<uint16_t>(*dq), data<uint16_t>(*dk),
                               data<uint16_t>(*dv), pair);
+#endif
     });
   } else {
     return ffi::Error::InvalidArgument("flash_cpu takes f32 or bf16");
@@ -441,6 +681,15 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
 }
 
 }  // namespace
+
+// Whether this build runs bf16 inputs through vdpbf16ps (1) or widens them to fp32 (0).
+extern "C" int LlmxFlashBf16Dots() {
+#ifdef LLMX_BF16_DOTS
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmxFlashForward, Forward,
                               ffi::Ffi::Bind()
