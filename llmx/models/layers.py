@@ -226,11 +226,31 @@ def run_layers(
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat](traced_platform()), prevent_cse=not scan)
     if scan:
         return jax.lax.scan(layer, carry, (stacked, xs))
+    leaves, treedef = jax.tree.flatten((stacked, xs))
+    slices = [unstack(leaf) for leaf in leaves]
     ys = []
-    for i in range(jax.tree.leaves(stacked)[0].shape[0]):
-        carry, y = layer(carry, jax.tree.map(functools.partial(lambda a, i: a[i], i=i), (stacked, xs)))
+    for i in range(leaves[0].shape[0]):
+        carry, y = layer(carry, jax.tree.unflatten(treedef, [parts[i] for parts in slices]))
         ys.append(y)
     return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
+
+
+def unstack(x: jax.Array) -> tuple[jax.Array, ...]:
+    """x (L, ...) -> its L slices, whose gradient is one stack of theirs. Slicing layer i out of a
+    stacked weight differentiates to a pad of its gradient into zeros of the whole (L, ...) shape, and
+    the L pads are summed: L times the writes, plus L - 1 full-size adds (~4 % of the bench model's
+    unrolled bf16 step on XLA:CPU)."""
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        return tuple(x[i] for i in range(x.shape[0]))
+    return _unstack(x)
+
+
+@jax.custom_vjp
+def _unstack(x):
+    return tuple(x[i] for i in range(x.shape[0]))
+
+
+_unstack.defvjp(lambda x: (_unstack(x), None), lambda _, grads: (jnp.stack(grads),))
 
 
 def _sequential(blocks: nnx.Module, layer_fn: Callable, carry, *, scan: str | bool, remat: str):
