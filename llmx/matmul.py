@@ -152,7 +152,7 @@ def _cache_file() -> Path:
     return Path(os.environ.get("LLMX_CACHE_DIR", Path.home() / ".cache" / "llmx")) / "cpu_peak.json"
 
 
-def _cpu_identity() -> str:
+def cpu_identity() -> str:
     """What makes two CPUs' matmul speeds differ: model name and the SIMD/matrix extensions (VMs
     report the same host name everywhere, so the host name alone would reuse another CPU's probe)."""
     model, flags = "", ""
@@ -169,14 +169,15 @@ def _cpu_identity() -> str:
     return f"{model or platform.processor()}|{flags}"
 
 
-def _best_flops(fn, *args, flops: float, repeats: int) -> float:
-    fn(*args).block_until_ready()
+def best_seconds(fn, *args, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `fn(*args)` (after one untimed call that compiles)."""
+    jax.block_until_ready(fn(*args))
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn(*args).block_until_ready()
+        jax.block_until_ready(fn(*args))
         best = min(best, time.perf_counter() - t0)
-    return flops / best
+    return best
 
 
 def measure_cpu_peak(*, size: int = 2048, repeats: int = 5) -> dict:
@@ -190,8 +191,8 @@ def measure_cpu_peak(*, size: int = 2048, repeats: int = 5) -> dict:
     upcast = jax.jit(lambda x, y: jnp.dot(x.astype(jnp.float32), y.astype(jnp.float32)))
     flops = 2 * size**3
     result = {
-        "native": _best_flops(native, a, a, flops=flops, repeats=repeats),
-        "upcast": _best_flops(upcast, a, a, flops=flops, repeats=repeats),
+        "native": flops / best_seconds(native, a, a, repeats=repeats),
+        "upcast": flops / best_seconds(upcast, a, a, repeats=repeats),
     }
     result["flops"] = max(result["native"], result["upcast"])
     return result
@@ -203,7 +204,7 @@ _PROBES: dict[tuple[str, str], dict] = {}
 
 def cpu_matmul_probe() -> dict:
     """The probe above, run once per CPU and cached (`LLMX_CACHE_DIR`); {'native', 'upcast', 'flops'}."""
-    key = f"{_cpu_identity()}|{os.cpu_count()}|{jax.__version__}"
+    key = f"{cpu_identity()}|{os.cpu_count()}|{jax.__version__}"
     path = _cache_file()
     if (str(path), key) in _PROBES:
         return _PROBES[str(path), key]

@@ -57,7 +57,7 @@ def test_cpu_matmul_probe_is_cached_per_cpu(tmp_path, monkeypatch):
     assert matmul.cpu_peak_flops() == 2e9 and len(calls) == 1  # cached in this process
     monkeypatch.setattr(matmul, "_PROBES", {})
     assert matmul.cpu_peak_flops() == 2e9 and len(calls) == 1  # and in the file, for the next one
-    monkeypatch.setattr(matmul, "_cpu_identity", lambda: "another CPU|avx512f amx_bf16")
+    monkeypatch.setattr(matmul, "cpu_identity", lambda: "another CPU|avx512f amx_bf16")
     matmul.cpu_peak_flops()
     assert len(calls) == 2  # a different CPU probes again
 

@@ -111,7 +111,7 @@ def resolve(name: str, dtype, platform: str | None = None, devices: int | None =
     if name == "cudnn" and not low_precision:
         raise ConfigError("model.attention=cudnn needs bf16 or fp16 compute; set train.precision=bf16 or use xla")
     if name == "cpu":
-        if jnp.dtype(dtype) not in [jnp.dtype(d) for d in cpu_kernel.DTYPES]:
+        if not cpu_kernel.takes(dtype):
             raise ConfigError(f"model.attention=cpu takes fp32 or bf16 compute, not {jnp.dtype(dtype).name}; "
                               "use model.attention=xla")
         if _devices(devices) != 1:

@@ -31,7 +31,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -59,10 +58,10 @@ def _compiler() -> str | None:
     return None
 
 
+@functools.cache  # asked for by every attention layer while a model is traced
 def _key(*extra: str) -> str:
     """Source, CPU (the matmul probe's identity) and jaxlib version: what a built library depends on."""
-
-    parts = [SOURCE.read_bytes(), matmul._cpu_identity().encode(), jax.lib.__version__.encode(), *(e.encode() for e in extra)]
+    parts = [SOURCE.read_bytes(), matmul.cpu_identity().encode(), jax.lib.__version__.encode(), *(e.encode() for e in extra)]
     return hashlib.sha256(b"|".join(parts)).hexdigest()[:16]
 
 
@@ -154,9 +153,14 @@ def bf16_dots() -> bool:
     return available() and _BF16_DOTS["native"]
 
 
+def takes(dtype) -> bool:
+    """Whether the kernel computes in `dtype` (f32 or bf16)."""
+    return jnp.dtype(dtype) in [jnp.dtype(d) for d in DTYPES]
+
+
 def supports(q_shape, dtype) -> bool:
-    """Whether `flash_cpu_attention` handles q of this shape and dtype: f32/bf16, head_dim a multiple of 16."""
-    return jnp.dtype(dtype) in [jnp.dtype(d) for d in DTYPES] and q_shape[-1] % 16 == 0
+    """Whether `flash_cpu_attention` handles q of this shape and dtype: `takes` it, head_dim a multiple of 16."""
+    return takes(dtype) and q_shape[-1] % 16 == 0
 
 
 @functools.cache
@@ -226,13 +230,7 @@ def measure(dtype, *, shape=PROBE_SHAPE, repeats: int = 5) -> dict:
     result = {}
     for name, fn in candidates.items():
         step = jax.jit(lambda q, k, v, g, fn=fn: jax.vjp(lambda *a: fn(*a, segment_ids), q, k, v)[1](g))
-        jax.block_until_ready(step(q, k, v, g))
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(step(q, k, v, g))
-            best = min(best, time.perf_counter() - t0)
-        result[name] = best
+        result[name] = matmul.best_seconds(step, q, k, v, g, repeats=repeats)
     return result
 
 
@@ -271,7 +269,7 @@ def best_variant(dtype) -> str:
 def faster_than_xla(dtype) -> bool:
     """Whether `model.attention=auto` should take this kernel for `dtype` on this CPU: it builds, takes
     the dtype, and the cached probe timed its best build faster than the XLA einsums."""
-    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in DTYPES] or not available():
+    if not takes(dtype) or not available():
         return False
     times = probe(dtype)
     return times[best_variant(dtype)] < times["xla"]

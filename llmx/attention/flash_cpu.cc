@@ -599,6 +599,15 @@ void backward_pair_bf16(const Dims& s, const uint16_t* q, const uint16_t* k, con
 }
 #endif  // AVX512-BF16
 
+// The bf16 path this build runs: bf16 dot instructions, or the widening loops.
+#ifdef LLMX_BF16_DOTS
+constexpr auto forward_bf16 = forward_pair_bf16;
+constexpr auto backward_bf16 = backward_pair_bf16;
+#else
+constexpr auto forward_bf16 = forward_pair<uint16_t>;
+constexpr auto backward_bf16 = backward_pair<uint16_t>;
+#endif
+
 // ------------------------------------------------------------------ FFI entry points
 
 ffi::Error dims_of(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, Dims* s) {
@@ -636,13 +645,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
     });
   } else if (q.element_type() == ffi::BF16) {
     parallel_for(pool, s.B * s.K, [&](long pair) {
-#ifdef LLMX_BF16_DOTS
-      forward_pair_bf16(s, data<uint16_t>(q), data<uint16_t>(k), data<uint16_t>(v), seg, data<uint16_t>(*o), lse_out,
-                        pair);
-#else
-      forward_pair<uint16_t>(s, data<uint16_t>(q), data<uint16_t>(k), data<uint16_t>(v), seg, data<uint16_t>(*o),
-                             lse_out, pair);
-#endif
+      forward_bf16(s, data<uint16_t>(q), data<uint16_t>(k), data<uint16_t>(v), seg, data<uint16_t>(*o), lse_out, pair);
     });
   } else {
     return ffi::Error::InvalidArgument("flash_cpu takes f32 or bf16");
@@ -665,14 +668,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
     });
   } else if (q.element_type() == ffi::BF16) {
     parallel_for(pool, s.B * s.K, [&](long pair) {
-#ifdef LLMX_BF16_DOTS
-      backward_pair_bf16(s, data<uint16_t>(q), data<uint16_t>(k), data<uint16_t>(v), seg, data<uint16_t>(o), lse_in,
-                         data<uint16_t>(dout), data<uint16_t>(*dq), data<uint16_t>(*dk), data<uint16_t>(*dv), pair);
-#else
-      backward_pair<uint16_t>(s, data<uint16_t>(q), data<uint16_t>(k), data<uint16_t>(v), seg, data<uint16_t>(o),
-                              lse_in, data<uint16_t>(dout), data<uint16_t>(*dq), data<uint16_t>(*dk),
-                              data<uint16_t>(*dv), pair);
-#endif
+      backward_bf16(s, data<uint16_t>(q), data<uint16_t>(k), data<uint16_t>(v), seg, data<uint16_t>(o), lse_in,
+                    data<uint16_t>(dout), data<uint16_t>(*dq), data<uint16_t>(*dk), data<uint16_t>(*dv), pair);
     });
   } else {
     return ffi::Error::InvalidArgument("flash_cpu takes f32 or bf16");
