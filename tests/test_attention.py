@@ -203,6 +203,12 @@ def test_cpu_kernel_without_a_compiler_and_with_a_damaged_cached_library(monkeyp
                           env=dict(os.environ, LLMX_CACHE_DIR=str(tmp_path), PYTHONPATH=str(REPO)))
     assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr[-3000:]
     assert "is damaged; rebuilding it" in proc.stderr and cpu._intact(path)
+    # A compiler that fails: the reason names it, its exit status and the last line it printed.
+    monkeypatch.setenv("CXX", "false")
+    compiler = cpu._compiler()
+    with pytest.raises(RuntimeError, match=r"^false exited with 1 compiling flash_cpu.cc$"):
+        cpu._build(compiler, Path(tmp_path) / "other" / "lib.so")
+    assert not (Path(tmp_path) / "other" / "lib.so").exists()
 
 
 def test_every_attention_choice_has_a_kernel():

@@ -31,6 +31,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -95,17 +96,23 @@ def _build(compiler: str, target: Path, flags: list[str] = ()) -> None:
     """Compile SOURCE into `target`, and its digest beside it (atomically: concurrent runs each build
     into a temporary file)."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", *flags, "-isystem",
                jax.ffi.include_dir(), str(SOURCE), "-o", str(out)]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {result.stderr.strip()[-2000:]}")
+            log.debug("%s\n%s", " ".join(cmd), result.stderr)
+            last = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "")
+            raise RuntimeError(f"{Path(compiler).name} exited with {result.returncode} compiling {SOURCE.name}"
+                               + (f": {last.strip()}" if last else ""))
         digest = Path(tmp) / "digest"
         digest.write_text(_digest(out))
         os.replace(out, target)
         os.replace(digest, target.with_suffix(".sha256"))
+    log.info("compiled the CPU flash-attention kernel (%s, %.1f s, once per CPU) into %s", Path(compiler).name,
+             time.perf_counter() - t0, target)
 
 
 # variant -> whether its build multiplies bf16 with bf16 dot instructions, once loaded.
@@ -117,15 +124,12 @@ def _load(variant: str = "native") -> tuple[bool, str]:
     """Build (once per CPU, source and variant) and register the FFI handlers; (ok, reason if not)."""
     compiler = _compiler()
     if compiler is None:
-        reason = "no C++ compiler found (set CXX or install g++)"
-        log.info("CPU flash-attention kernel unavailable: %s; attention runs as XLA einsums", reason)
-        return False, reason
+        return False, "no C++ compiler found (set CXX or install g++)"
     path = _library_path(compiler, variant)
     try:
         if path.exists() and not _intact(path):
             log.warning("the cached CPU flash-attention kernel %s is damaged; rebuilding it", path)
         if not _intact(path):
-            log.info("compiling the CPU flash-attention kernel (%s, once per CPU) into %s", Path(compiler).name, path)
             _build(compiler, path, VARIANTS[variant])
         library = ctypes.cdll.LoadLibrary(str(path))
         forward, backward = _targets(variant)
@@ -133,9 +137,7 @@ def _load(variant: str = "native") -> tuple[bool, str]:
         jax.ffi.register_ffi_target(backward, jax.ffi.pycapsule(library.LlmxFlashBackward), platform="cpu")
         _BF16_DOTS[variant] = bool(library.LlmxFlashBf16Dots())
     except (OSError, RuntimeError) as e:
-        reason = f"building the CPU flash-attention kernel failed: {e}"
-        log.warning("%s; attention runs as XLA einsums", reason)
-        return False, reason
+        return False, f"building the CPU flash-attention kernel failed: {e}"
     return True, ""
 
 
@@ -146,6 +148,15 @@ def available() -> bool:
 
 def unavailable_reason() -> str:
     return _load()[1]
+
+
+@functools.cache
+def _note_unavailable() -> None:
+    """Once per process, why `auto` runs attention as XLA einsums on this CPU (a failed build is a
+    warning: a compiler was there)."""
+    reason = unavailable_reason()
+    level = logging.WARNING if reason.startswith("building") else logging.INFO
+    log.log(level, "CPU flash-attention kernel unavailable: %s; attention runs as XLA einsums", reason)
 
 
 def bf16_dots() -> bool:
@@ -269,7 +280,10 @@ def best_variant(dtype) -> str:
 def faster_than_xla(dtype) -> bool:
     """Whether `model.attention=auto` should take this kernel for `dtype` on this CPU: it builds, takes
     the dtype, and the cached probe timed its best build faster than the XLA einsums."""
-    if not takes(dtype) or not available():
+    if not takes(dtype):
+        return False
+    if not available():
+        _note_unavailable()
         return False
     times = probe(dtype)
     return times[best_variant(dtype)] < times["xla"]
