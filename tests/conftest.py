@@ -44,8 +44,11 @@ PYTHON = sys.executable
 
 
 def pytest_collection_modifyitems(config, items):
-    """AOT compiles for TPU/GPU targets run in a subprocess of the AOT environment (10-40 s each): they belong
-    to the full suite (CI), not to the quick tier (`-m "not slow"`)."""
+    """The quick tier (`-m "not slow"`, ~5 min on 2 cores) leaves to the full suite (CI) what costs seconds
+    per test whatever it checks: AOT compiles for TPU/GPU targets (a subprocess of the AOT environment,
+    10-40 s each) and every test that runs `python -m llmx.X` (the `subprocess_env` fixture: an interpreter,
+    jax and a compile, ~4 s before the command does anything)."""
     for item in items:
-        if item.get_closest_marker("aot_tpu") or item.get_closest_marker("aot_gpu"):
+        if (item.get_closest_marker("aot_tpu") or item.get_closest_marker("aot_gpu")
+                or "subprocess_env" in getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

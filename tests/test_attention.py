@@ -105,6 +105,7 @@ def test_cpu_flash_attention_built_for_avx2_matches_reference(monkeypatch, dtype
     check_forward_and_grads(jax.jit(cpu.variant_attention("avx2")), dtype, T=100)
 
 
+@pytest.mark.slow
 def test_cpu_flash_attention_agrees_with_xla_in_a_train_step():
     """The same model and batch: loss and every gradient of model.attention=cpu against xla (fp32)."""
     from llmx import config as config_lib
@@ -182,6 +183,7 @@ def test_cpu_attention_refusals_are_one_config_error(monkeypatch):
     assert not faster_than_xla(jnp.bfloat16)
 
 
+@pytest.mark.slow
 def test_cpu_kernel_without_a_compiler_and_with_a_damaged_cached_library(monkeypatch, tmp_path):
     """No compiler: unavailable, with the reason. A damaged library in the cache (dlopen of a truncated
     shared object dies with SIGBUS) is found by its recorded digest and rebuilt, in a fresh process."""

@@ -78,6 +78,7 @@ def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, sub
     assert not any("tmp" in name for name in names), names  # the half-written save is cleaned up
 
 
+@pytest.mark.slow
 def test_restore_onto_other_meshes_gives_the_same_next_step_loss(tmp_path, data_dir):
     """A checkpoint of mesh.data=8 continues on fsdp=4 x tensor=2 (ZeRO-3) and on 1 device."""
     common = ["optim.schedule=constant", "checkpoint.every=0"]
@@ -111,6 +112,7 @@ def test_restore_onto_other_meshes_gives_the_same_next_step_loss(tmp_path, data_
     assert checkpoint_steps(source / "run") == source_steps == [2, 3]  # the source is only read
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_save_is_an_error_and_the_previous_checkpoint_survives(tmp_path, data_dir, monkeypatch):
     from orbax.checkpoint._src.handlers import json_checkpoint_handler
 

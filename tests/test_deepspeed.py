@@ -115,6 +115,7 @@ def _value(cfg, key):
 
 
 @pytest.mark.parametrize("name", REAL_WORLD)
+@pytest.mark.slow
 def test_real_world_config_converts_trains_and_warns_exactly(name, model_yaml, tmp_path, monkeypatch, capsys):
     expected, warnings = REAL_WORLD[name]
     monkeypatch.chdir(tmp_path)  # monitors write to paths relative to the working directory, as in DeepSpeed

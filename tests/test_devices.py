@@ -39,6 +39,7 @@ def test_unknown_device_peak_is_none_unless_given():
     assert flops.peak_flops([fake("Imaginary Accelerator 9000")] * 2, per_device=5e12) == 10e12
 
 
+@pytest.mark.slow
 def test_unknown_device_trains_without_mfu_then_with_the_given_peak(tmp_path, data_dir, monkeypatch, caplog):
     """The trainer on devices whose kind no table lists: it trains, leaves MFU out and says so once;
     with train.peak_flops_per_device it reports MFU against that figure."""

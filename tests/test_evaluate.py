@@ -37,6 +37,7 @@ def trained(tmp_path_factory, data_dir):
     return cfg, summary
 
 
+@pytest.mark.slow
 def test_evaluate_reports_the_trainers_last_eval_loss(trained, data_dir):
     cfg, summary = trained
     run, results = ev.run_evaluation(run_dir=cfg.train.run_dir)

@@ -87,6 +87,7 @@ def test_one_compilation_per_shape_not_per_step():
     assert gen._decode_step._cache_size() == 1 and gen._prefill._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_sharded_training_mesh_generates_the_same_tokens(tmp_path, data_dir):
     cfg = small_config(tmp_path, data_dir, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.zero_stage=3",
                        "model.init_std=0.3")
@@ -147,6 +148,7 @@ def trained_run(tmp_path_factory, data_dir):
     return tmp / "run"
 
 
+@pytest.mark.slow
 def test_cli_streams_one_prompt_and_batches_a_prompt_file(trained_run, tmp_path, capsys):
     status = gen.main(["--run-dir", str(trained_run), "--prompt", "import ", "--max-new-tokens", "5",
                        "--temperature", "0"])

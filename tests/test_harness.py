@@ -62,6 +62,7 @@ def logprobs(run, ids: list[int]) -> np.ndarray:
     return logp[np.arange(len(ids) - 1), ids[1:]]
 
 
+@pytest.mark.slow
 def test_loglikelihood_equals_by_hand_sums_across_a_tokenizer_boundary(run, tmp_path):
     path = train_bpe(["say hello there, hello world; well hello " * 20, "the cat sat on the mat " * 20],
                      vocab_size=300, path=tmp_path / "tokenizer.json")

@@ -144,6 +144,7 @@ def test_missing_tensor_is_a_one_line_error_at_the_entry_point(hf_model, tmp_pat
     assert status == 2 and err.startswith("error: ") and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_imported_run_fine_tunes_generates_and_exports_back(hf_model, tmp_path, data_dir):
     """`llmx.hf import` writes a run the trainer resumes from step 0 (its first eval is the HF model's),
     that generates, and that exports back to the same tensors. In fp16, so the imported state must

@@ -58,6 +58,7 @@ def poison_train_batch(monkeypatch, number: int, vocab_size: int):
     monkeypatch.setattr(batch_lib, "to_global", poisoned)
 
 
+@pytest.mark.slow
 def test_on_nan_skip_leaves_the_state_unchanged_and_counts(tmp_path, data_dir, monkeypatch):
     common = ["optim.schedule=constant", "checkpoint.every=0"]
     clean = train(small_config(tmp_path / "clean", data_dir, *common, "train.steps=2"))
@@ -77,6 +78,7 @@ def test_on_nan_stop_names_the_step_and_saves_nothing_new(tmp_path, data_dir, mo
     assert checkpoint_steps(tmp_path / "run") == [2]
 
 
+@pytest.mark.slow
 def test_profile_steps_write_a_trace(tmp_path, data_dir):
     train(small_config(tmp_path, data_dir, "train.steps=4", "train.profile_steps=[2,3]"))
     traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))

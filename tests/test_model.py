@@ -128,6 +128,7 @@ SCANNED = "model.scan_layers=true"
     [SCANNED, "model.remat=dots_saveable"], [SCANNED, "model.remat=dots_with_no_batch_dims_saveable"],
     [SCANNED, "model.remat=offload"], ["model.scan_layers=false", "model.remat=dots_saveable"],
 ], ids=lambda v: ",".join(o.split(".")[1] for o in v))
+@pytest.mark.slow
 def test_layer_loop_and_remat_variants_match_scan(variant):
     tokens = jnp.asarray(np.random.default_rng(2).integers(3, 64, (2, 16)), jnp.int32)
     ref_loss, ref_grads = _loss_and_grads(make(SCANNED)[1], tokens)
@@ -183,6 +184,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.slow
 def test_remat_policies_order_the_compiled_steps_temporary_memory(precision):
     """Activations dominate this config (long sequences, narrow model): each policy saves less than
     the one before, in bf16 too (its matmuls sit inside custom VJPs, which jax's own dots_saveable

@@ -135,6 +135,7 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.slow
 def test_expert_parallel_trains_like_one_device_with_all_to_alls(layout, one_device_run):
     cfg = _cfg("model.moe_impl=dense", *LAYOUTS[layout])
     steps_, history, params = _train(cfg, jax.devices(), steps=20)
@@ -148,6 +149,7 @@ def test_expert_parallel_trains_like_one_device_with_all_to_alls(layout, one_dev
     assert collective_counts(hlo).get("all-to-all", 0) >= 2 * cfg.model.n_layers  # dispatch and return per layer
 
 
+@pytest.mark.slow
 def test_dropless_expert_parallel_gathers_and_scatters_like_one_device(one_device_run):
     cfg = _cfg("model.moe_impl=ragged", *LAYOUTS["expert=4 fsdp=2"])
     _, history, _ = _train(cfg, jax.devices(), steps=3)
@@ -240,6 +242,7 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
     return output
 
 
+@pytest.mark.slow
 def test_dropless_ragged_all_to_all_exchange_trains_like_one_device(one_device_run, monkeypatch):
     """The TPU/GPU exchange's offsets and sizes, run on CPU with an emulated ragged_all_to_all."""
     monkeypatch.setattr(moe, "dropless_exchange", lambda platform: "ragged_all_to_all")
@@ -249,6 +252,7 @@ def test_dropless_ragged_all_to_all_exchange_trains_like_one_device(one_device_r
     np.testing.assert_allclose([m["loss"] for m in history], [m["loss"] for m in one_device_run[1][:3]], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_megablox_expert_parallel_gradients_like_one_device(one_device_run):
     """The Pallas kernel (interpreted) inside the expert-parallel shard_map: rows of other devices' experts
     sit past its groups, where the kernel writes nothing, forward or backward."""

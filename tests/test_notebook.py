@@ -36,6 +36,7 @@ def test_trainer_plot_holds_the_metrics(tmp_path, data_dir):
     assert set(drawn) == {"loss", "learning rate", "tokens / s", "MFU"}
 
 
+@pytest.mark.slow
 def test_plot_overlays_several_runs(tmp_path, data_dir):
     for name in ("a", "b"):
         train(small_config(tmp_path / name, data_dir, "train.steps=3", f"train.seed={ord(name)}"))

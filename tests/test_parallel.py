@@ -42,6 +42,7 @@ def single_device_run(tmp_path_factory, data_dir):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.slow
 def test_layout_trains_like_one_device(layout, single_device_run, tmp_path, data_dir):
     overrides = LAYOUTS[layout]
     micro = GLOBAL_BATCH // _dp(overrides)
@@ -73,6 +74,7 @@ def test_state_bytes_follow_zero_accounting(stage):
         assert actual == pytest.approx(want, rel=0.05)
 
 
+@pytest.mark.slow
 def test_planned_bytes_equal_the_shards_of_a_real_run(tmp_path, data_dir):
     cfg = small_config(tmp_path, data_dir, "train.steps=1", "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2",
                        "mesh.zero_stage=3", "train.micro_batch_size=4")

@@ -84,6 +84,7 @@ def _sorted(losses: dict) -> list:
     return [losses[s] for s in sorted(losses)]
 
 
+@pytest.mark.slow
 def test_pipelined_layouts_train_like_one_device(runs):
     ref = runs["1 device"]
     assert sorted(ref.losses) == list(range(1, 21)) and "pipeline:" not in ref.log
@@ -100,6 +101,7 @@ def test_pipelined_layouts_train_like_one_device(runs):
     assert "FSDP alone would gather" in runs["pipeline=2 tensor=2 fsdp=2 zero2"].log
 
 
+@pytest.mark.slow
 def test_checkpoints_move_between_pipelined_and_plain_meshes(runs, tmp_path, data_dir):
     run_dir, losses = runs["pipeline=4 fsdp=2 zero3"].run_dir, runs["pipeline=4 fsdp=2 zero3"].losses
     # Resumed from step 10 without stages, then from that run's step 11 with stages again.
@@ -119,6 +121,7 @@ def test_checkpoints_move_between_pipelined_and_plain_meshes(runs, tmp_path, dat
     np.testing.assert_allclose(staged[0].loss, single[0].loss, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_pipelined_mesh_generates_the_same_tokens(tmp_path, data_dir):
     cfg = small_config(tmp_path, data_dir, LAYERS, *PIPELINED, "model.init_std=0.3")
     mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -185,6 +188,7 @@ WEIGHTS_PER_LAYER = 9  # 2 norm scales, wq, wk, wv, wo, w_gate, w_up, w_down
 ITERATIONS = 4 + 4 - 1
 
 
+@pytest.mark.slow
 def test_stages_exchange_activations_and_gather_their_weights_once():
     hlo = _hlo()
     # Forward: each iteration sends its output (B, T, D) and the rows' segment ids and positions

@@ -36,6 +36,7 @@ def test_contradicting_precision_is_a_config_error(overrides, message):
         config_lib.load(None, overrides)
 
 
+@pytest.mark.slow
 def test_bf16_training_tracks_fp32(tmp_path, data_dir):
     common = ["train.steps=30", "optim.lr=3e-3"]
     fp32 = train(small_config(tmp_path / "fp32", data_dir, *common))

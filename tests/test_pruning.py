@@ -116,6 +116,7 @@ def test_magnitude_pruning_is_exact_follows_its_schedule_and_survives_kill_9(tmp
     assert report and all(f == 0.5 for layers in report.values() for f in layers), report
 
 
+@pytest.mark.slow
 def test_two_four_sparsity_is_exact_and_evaluate_reports_it(tmp_path, data_dir, capsys):
     cfg = small_config(tmp_path, data_dir, "optim.prune_method=n_m", "optim.prune_begin_step=0",
                        "optim.prune_end_step=4", "optim.prune_every=2", "train.steps=6", "checkpoint.every=0")

@@ -170,6 +170,7 @@ def _grads(overrides, devices):
     return jax.device_get(jax.jit(grads, out_shardings=steps.grad_shardings)(params, batch))
 
 
+@pytest.mark.slow
 def test_int8_qat_gradients_under_zero3_and_tensor_parallel_equal_one_device():
     one = _grads(["model.quantization=int8"], jax.devices()[:1])
     eight = _grads(["model.quantization=int8", "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "mesh.zero_stage=3"],
@@ -240,6 +241,7 @@ def _listing(path):
 
 @pytest.mark.parametrize("weight_format,group,max_ratio,max_loss_change", [
     ("int8", 0, 0.27, 0.01), ("int4", 16, 0.19, 0.05), ("fp8", 0, 0.27, 0.02)])
+@pytest.mark.slow
 def test_quantize_writes_a_run_evaluate_and_generate_read(trained, float_run, tmp_path, capsys, weight_format, group,
                                                           max_ratio, max_loss_change):
     source = trained.train.run_dir

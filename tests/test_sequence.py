@@ -78,6 +78,7 @@ def single_device_run(tmp_path_factory, data_dir, short_documents):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.slow
 def test_layout_trains_like_one_device(layout, single_device_run, tmp_path, data_dir, short_documents):
     """Per step loss within 1e-5 of one device, the final evaluation too (it runs on the mesh, in the
     step's token order), the same weights after 20 steps, and a checkpoint that reopens on one device."""
@@ -256,6 +257,7 @@ def _gathers_of_keys(hlo: str) -> list[str]:
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.slow
 def test_compiled_step_has_the_strategy_collectives(strategy):
     cfg = config_lib.load(None, [*SMALL, *SEQ4, f"model.seq_len={T}", f"mesh.sequence_strategy={strategy}",
                                  "train.micro_batch_size=8"])

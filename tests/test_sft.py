@@ -161,6 +161,7 @@ def lora_runs(tmp_path_factory, data_dir, base_run):
     return (one, train(one, devices=jax.devices()[:1])), (eight, train(eight))
 
 
+@pytest.mark.slow
 def test_lora_trains_adapters_only_and_zero3_on_8_devices_matches_one_device(lora_runs, base_run):
     (one_cfg, one), (eight_cfg, eight) = lora_runs
     steps = sorted(one.losses)
@@ -241,6 +242,7 @@ def test_shipped_generation_tasks_hold_out_items_never_trained_on():
 
 # ------------------------------------------------------------------------------------------- errors
 
+@pytest.mark.slow
 def test_bad_input_is_a_one_line_error_naming_file_and_line(files, tmp_path, capsys):
     no_field = write_jsonl(tmp_path / "nofield.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c"}])
     no_assistant = write_jsonl(tmp_path / "noasst.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])

@@ -130,6 +130,7 @@ def gcs():
             server.stop()
 
 
+@pytest.mark.slow
 def test_a_run_in_a_bucket_trains_resumes_exactly_and_reads_back(gcs, tmp_path, data_dir, monkeypatch):
     """The emulator (not GCS, not llmx) sometimes answers TensorStore's conditional write of the OCDBT
     manifest with a generation TensorStore rejects: "Malformed StorageGeneration", in about 1 run of 8

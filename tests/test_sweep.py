@@ -157,6 +157,7 @@ def test_last_error_line_finds_the_exception_of_a_traceback(tmp_path):
     assert last_error_line(log) == "ValueError: bad shape"
 
 
+@pytest.mark.slow
 def test_the_system_space_keeps_the_global_batch():
     base = config_lib.load(REPO / "configs/tiny.yaml")
     assert (2, 2, 2) in system.layouts(8, base) and all(t in (1, 2, 4) for _, _, t in system.layouts(8, base))

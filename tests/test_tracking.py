@@ -49,6 +49,7 @@ def logged_history(run_dir) -> dict[int, dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_wandb_offline_history_equals_metrics_jsonl_and_resumes_the_run(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

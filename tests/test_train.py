@@ -16,6 +16,7 @@ def assert_losses_close(a: dict, b: dict, rtol: float):
     np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)], rtol=rtol)
 
 
+@pytest.mark.slow
 def test_tiny_config_one_device_equals_data_parallel_8(tmp_path, data_dir, caplog):
     """The same 10 steps of configs/tiny.yaml (fp32) on 1 device and on mesh.data=8; the 8-device run
     leaves the persistent compilation cache off (`enable_compilation_cache`)."""
@@ -57,6 +58,7 @@ def test_the_persistent_compilation_cache_is_for_one_cpu_device_only(tmp_path, c
         jax.config.update("jax_enable_compilation_cache", before[1])
 
 
+@pytest.mark.slow
 def test_metrics_jsonl_and_run_directory(tmp_path, data_dir):
     cfg = small_config(tmp_path, data_dir, "train.steps=4", "train.eval_every=2", "train.sample_tokens=8")
     summary = train(cfg)
@@ -75,6 +77,7 @@ def test_metrics_jsonl_and_run_directory(tmp_path, data_dir):
     assert isinstance(summary.sample, str)
 
 
+@pytest.mark.slow
 def test_resume_continues_with_the_same_losses(tmp_path, data_dir):
     """Stopping at step 4 and rerunning to 8 gives the losses of an uninterrupted 8-step run:
     the optimizer state and the data iterator both come back from the checkpoint."""
@@ -87,6 +90,7 @@ def test_resume_continues_with_the_same_losses(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("name", ["adamw", "lamb"])
+@pytest.mark.slow
 def test_pallas_optimizer_trains_like_optax(name, tmp_path, data_dir):
     """20 steps with optim.impl=pallas under ZeRO-3 on 8 devices equal the optax run of the same layout.
     On CPU devices that trains with the fused optimizers' jnp reference, under shard_map like the
@@ -98,6 +102,7 @@ def test_pallas_optimizer_trains_like_optax(name, tmp_path, data_dir):
     assert_losses_close(pallas_run, optax_run, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_large_batch():
     """micro_batch_size=2 x grad_accum_steps=4 is micro_batch_size=8 in one pass (fp32): the loss is
     normalised over the whole step's tokens, not per micro-batch."""
