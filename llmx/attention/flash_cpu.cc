@@ -313,17 +313,16 @@ void score_grads(float* dp, const float* p, const float* delta) {
   }
 }
 
-// delta_i = sum_d dO_i,d O_i,d for the tile's rows (0 for padding rows), and their log-sum-exp (+inf for
-// padding rows, so their probabilities are 0).
 template <typename T>
-inline vfloat widen(const T* p) {
+inline vfloat widen(const T* p) {  // kLanes elements as fp32
   vfloat v;
   for (int lane = 0; lane < kLanes; ++lane) v[lane] = to_float(p[lane]);
   return v;
 }
 
-// (The sums run in vectors: a scalar loop is one dependent add per element, 4 cycles each, and took a
-// fifth of the bf16 backward's own time outside the matmuls.)
+// delta_i = sum_d dO_i,d O_i,d for the tile's rows (0 for padding rows), and their log-sum-exp (+inf for
+// padding rows, so their probabilities are 0). The sums run in vectors: a scalar loop is one dependent
+// add per element, 4 cycles each, and took a fifth of the bf16 backward's own time outside the matmuls.
 template <typename T>
 void row_stats(const Dims& s, const T* dout, const T* o, const float* lse, long offset, long stride, long rows,
                long lse_offset, float* delta, float* row_lse) {
@@ -431,7 +430,6 @@ void backward_pair(const Dims& s, const T* q, const T* k, const T* v, const int3
 // (B[2kk][n], B[2kk+1][n]), so one vector holds 16 columns' pairs; A is bf16 rows, read a pair at a time.
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(LLMX_FLASH_NO_BF16_DOTS)
-#include <immintrin.h>
 #define LLMX_BF16_DOTS 1
 static_assert(kLanes == 16, "the bf16 path works in 512-bit vectors");
 
@@ -476,6 +474,19 @@ void gemm_bf16(int M, int N, int K, const uint16_t* a, long a_row, const uint32_
 
 inline uint32_t pair(uint16_t lo, uint16_t hi) { return static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16; }
 
+// Gather offsets 0, stride, ..., 15 * stride (in elements of the gathered base pointer's scale).
+inline __m512i strided_index(long stride) {
+  alignas(64) int offsets[kLanes];
+  for (int lane = 0; lane < kLanes; ++lane) offsets[lane] = static_cast<int>(lane * stride);
+  return _mm512_load_si512(offsets);
+}
+
+// vpermw index pairing a vector's low 16 halves with its high 16: out word j = (in[j], in[16 + j]).
+inline __m512i interleave_halves() {
+  return _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19,
+                          3, 18, 2, 17, 1, 16, 0);
+}
+
 // n floats (n % 16 == 0) times scale, rounded to bf16 16 at a time. vcvtneps2bf16 rounds to nearest even
 // like from_float; it reads fp32 denormals (< 1.2e-38) as zero.
 inline void store_bf16(const float* x, float scale, long n, uint16_t* out) {
@@ -487,9 +498,7 @@ inline void store_bf16(const float* x, float scale, long n, uint16_t* out) {
 
 // Rows t of a transposed accumulator (D x Tp, fp32) as bf16 rows of out (row t at out + t * row_stride).
 void store_transposed_bf16(const Dims& s, const float* xt, uint16_t* out, long row_stride) {
-  alignas(64) int offsets[kLanes];
-  for (int lane = 0; lane < kLanes; ++lane) offsets[lane] = static_cast<int>(lane * s.Tp);
-  const __m512i index = _mm512_load_si512(offsets);
+  const __m512i index = strided_index(s.Tp);
   for (long t = 0; t < s.T; ++t)
     for (long d = 0; d < s.D; d += kLanes) {
       const __m512 column = _mm512_i32gather_ps(index, xt + d * s.Tp + t, 4);
@@ -507,8 +516,7 @@ void tile_rows_bf16(const float* x, uint16_t* out) {
 
 // A 64 x 64 fp32 tile paired along its rows: out[ii][j] = (x[2ii][j], x[2ii+1][j]) (32 x 64 words).
 void tile_row_pairs(const float* x, uint32_t* out) {
-  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i interleave = interleave_halves();
   for (long ii = 0; ii < kBlock / 2; ++ii)
     for (long j = 0; j < kBlock; j += kLanes) {
       const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + (2 * ii + 1) * kBlock + j),
@@ -526,9 +534,7 @@ void paired_kv(const Dims& s, const uint16_t* k, const uint16_t* v, long b, long
   const long D = s.D, half = s.D / 2, stride = s.K * s.D;
   const uint16_t* k0 = k + (b * s.T * s.K + kvh) * D;
   const uint16_t* v0 = v + (b * s.T * s.K + kvh) * D;
-  alignas(64) int offsets[kLanes];
-  for (int lane = 0; lane < kLanes; ++lane) offsets[lane] = static_cast<int>(lane * stride);
-  const __m512i rows_index = _mm512_load_si512(offsets);
+  const __m512i rows_index = strided_index(stride);
   auto along_d = [&](const uint16_t* x, std::vector<uint32_t>& dst) {  // word (t, dd) = x[t][2dd], x[t][2dd + 1]
     dst.assign(half * s.Tp, 0u);
     const long full = s.T / kLanes * kLanes;
@@ -538,8 +544,7 @@ void paired_kv(const Dims& s, const uint16_t* k, const uint16_t* v, long b, long
     for (long t = full; t < s.T; ++t)
       for (long dd = 0; dd < half; ++dd) dst[dd * s.Tp + t] = pair(x[t * stride + 2 * dd], x[t * stride + 2 * dd + 1]);
   };
-  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i interleave = interleave_halves();
   auto along_keys = [&](const uint16_t* x, std::vector<uint32_t>& dst) {  // rows t and t + 1 interleaved
     dst.assign(s.Tp / 2 * D, 0u);
     for (long t = 0; t < s.T; t += 2)
@@ -578,9 +583,7 @@ void query_tile(const Dims& s, const uint16_t* src, long stride, long rows, floa
   if (!out_t) return;
   // Transposed 16 rows x 2 columns at a time: a gather of the 32-bit words (row i: columns d, d + 1), whose
   // even halves are column d's 16 entries and odd halves column d + 1's.
-  alignas(64) int offsets[kLanes];
-  for (int lane = 0; lane < kLanes; ++lane) offsets[lane] = static_cast<int>(lane * D);
-  const __m512i rows_index = _mm512_load_si512(offsets);
+  const __m512i rows_index = strided_index(D);
   const __m512i separate = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 30, 28, 26, 24, 22,
                                             20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   for (long i0 = 0; i0 < kBlock; i0 += kLanes)
