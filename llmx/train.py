@@ -132,16 +132,31 @@ def check_paths(cfg: Config) -> None:
                           "is a bucket; profile in a run with a local train.run_dir")
 
 
-def make_run_dir(path: str):
-    """The run directory, created; a local `pathlib.Path` or a bucket's `epath.Path` (llmx.storage)."""
+@contextlib.contextmanager
+def run_directory(path: str):
+    """The run directory, created. A run that stops with an error before writing anything (a refusal
+    while the step is built, a corpus that fails to prepare) removes again the empty directories this
+    call created, so a mistyped override leaves nothing behind; a directory that holds anything stays.
+    A local `pathlib.Path`, or a bucket's `epath.Path` (llmx.storage: no directories to remove there)."""
     run_dir = storage.path(path)  # reached once already, before check_restore_from looked inside
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"train.run_dir={path} is a file, not a directory; point train.run_dir at a directory")
+    created = []  # the directories mkdir makes, deepest first
+    if not storage.is_remote(path):
+        created = [d for d in (run_dir, *run_dir.absolute().parents) if not d.exists()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"train.run_dir={path} cannot be created: {e.strerror or e}") from None
-    return run_dir
+    try:
+        yield run_dir
+    except BaseException:
+        for directory in created:
+            try:
+                directory.rmdir()  # only an empty directory: what a run wrote is never removed
+            except OSError:
+                break
+        raise
 
 
 def train(cfg: Config, *, devices=None) -> RunSummary:
@@ -154,9 +169,9 @@ def train(cfg: Config, *, devices=None) -> RunSummary:
     check_paths(cfg)
     data_lib.check_sources(cfg)
     check_restore_from(cfg.checkpoint, storage.reach("train.run_dir", cfg.train.run_dir) / "checkpoints")
-    run_dir = make_run_dir(cfg.train.run_dir)
     # Whatever is opened is closed in reverse on every path, so an error's one line is the last output.
     with contextlib.ExitStack() as opened:
+        run_dir = opened.enter_context(run_directory(cfg.train.run_dir))
         lock = opened.enter_context(runlock.hold(run_dir, wait_seconds=cfg.train.wait_for_lock))
         mesh = mesh_lib.make_mesh(cfg.mesh, devices)
         enable_compilation_cache(cfg.train.compilation_cache_dir, mesh.devices.flat)  # before the first compile

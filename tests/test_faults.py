@@ -98,6 +98,9 @@ FAULTS: dict[str, Fault] = {
     "zero layers": Fault(lambda w: ["model.n_layers=0"], "model.n_layers=0 is out of range"),
     "heads not dividing d_model": Fault(lambda w: ["model.n_heads=3"],
                                         "model.n_heads=3 does not divide model.d_model=32"),
+    "attention kernel on several devices": Fault(
+        lambda w: ["model.attention=cpu", "mesh.data=8"],
+        "model.attention=cpu runs on one CPU device and this mesh has 8"),  # raised while the step is built
     "missing config file": Fault(lambda w: ["--config", "configs/nope.yaml"],
                                  "config file configs/nope.yaml does not exist", base=False),
     # Paths and data.
@@ -165,8 +168,9 @@ FAULTS: dict[str, Fault] = {
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    files = (p for p in root.rglob("*") if p.is_file())
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    """Every file's hash and every directory, so an empty run directory left behind is a change too."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "directory"
+            for p in root.rglob("*")}
 
 
 def _peak_rss(pid: int, done: threading.Event, peak: list[int]) -> None:
