@@ -143,7 +143,8 @@ def run_directory(path: str):
         raise ConfigError(f"train.run_dir={path} is a file, not a directory; point train.run_dir at a directory")
     created = []  # the directories mkdir makes, deepest first
     if not storage.is_remote(path):
-        created = [d for d in (run_dir, *run_dir.absolute().parents) if not d.exists()]
+        absolute = run_dir.absolute()
+        created = [d for d in (absolute, *absolute.parents) if not d.exists()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
