@@ -3,7 +3,12 @@ at module level or inside a function (a function-level import must not hide a cy
 under `if TYPE_CHECKING:`, which never run."""
 
 import ast
+import importlib.util
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import REPO
 
@@ -124,3 +129,26 @@ def test_every_script_and_notebook_helper_parses_on_the_oldest_supported_python(
         except SyntaxError as e:
             bad.append(f"{path.relative_to(REPO)}:{e.lineno}: {e.msg}")
     assert not bad, bad
+
+
+# Optional extras (and what tensorboardX would pull in with them) that the trainer, the evaluator and
+# the sampler must not import: each costs start-up time on every run (torch alone ~1.2 s).
+EXTRAS = ("torch", "transformers", "optuna", "ray", "wandb", "lm_eval", "gcsfs", "boto3", "google.cloud.storage")
+
+
+def test_the_entry_points_import_no_optional_extra():
+    def installed(name):
+        try:
+            return importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            return False
+
+    present = [name for name in EXTRAS if installed(name)]
+    if not present:
+        pytest.skip("no optional extra is installed here, so none could be imported")
+    code = ("import sys, llmx.train, llmx.evaluate, llmx.generate\n"
+            f"print(' '.join(m for m in {present!r} if m in sys.modules))\n")
+    if "torch" in present:  # still importable afterwards
+        code += "import torch; assert float(torch.ones(1)) == 1.0\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "", f"imported at start-up: {out.stdout.strip()}"
