@@ -127,3 +127,20 @@ def test_gradient_accumulation_equals_the_large_batch():
     (loss_a, params_a), (loss_b, params_b) = results[(8, 1)], results[(2, 4)]
     np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7), params_a, params_b)
+
+
+def test_a_small_cpu_init_compiles_at_level_0_with_the_same_weights(tmp_path, data_dir):
+    from llmx import mesh as mesh_lib
+    from llmx.step import CPU_QUICK_INIT_MAX_PARAMS, build_steps, init_compiler_options
+
+    cfg = small_config(tmp_path, data_dir, "mesh.data=8")
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    steps = build_steps(cfg, mesh)
+    small = jax.tree.leaves(steps.abstract_state.params)
+    assert init_compiler_options(mesh, small) == {"xla_backend_optimization_level": 0}
+    large = [jax.ShapeDtypeStruct((CPU_QUICK_INIT_MAX_PARAMS + 1,), np.float32)]
+    assert init_compiler_options(mesh, large) is None  # a large init runs at the default level
+    quick = steps.init()
+    default = steps.init.lower().compile({"xla_backend_optimization_level": 3})()
+    for a, b in zip(jax.tree.leaves(quick), jax.tree.leaves(default)):
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-7)
