@@ -282,7 +282,8 @@ def build_steps(cfg: Config, mesh: Mesh) -> Steps:
         partition=partition,
         state_shardings=state_sh,
         grad_shardings=grad_sh,
-        init=jax.jit(under_rules(init), out_shardings=state_sh, compiler_options=init_compiler_options(mesh, abstract_params)),
+        init=jax.jit(under_rules(init), out_shardings=state_sh,
+                     compiler_options=init_compiler_options(mesh, abstract_params)),
         init_from_params=jax.jit(under_rules(init_from_params), in_shardings=(param_sh,), out_shardings=state_sh),
         train=jax.jit(
             under_rules(step_fn, layer_stack),

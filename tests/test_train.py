@@ -129,18 +129,22 @@ def test_gradient_accumulation_equals_the_large_batch():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7), params_a, params_b)
 
 
-def test_a_small_cpu_init_compiles_at_level_0_with_the_same_weights(tmp_path, data_dir):
+def test_a_small_cpu_init_compiles_at_level_0_with_the_same_weights(tmp_path, data_dir, monkeypatch):
     from llmx import mesh as mesh_lib
-    from llmx.step import CPU_QUICK_INIT_MAX_PARAMS, build_steps, init_compiler_options
+    from llmx import step as step_lib
 
     cfg = small_config(tmp_path, data_dir, "mesh.data=8")
     mesh = mesh_lib.make_mesh(cfg.mesh)
-    steps = build_steps(cfg, mesh)
+    steps = step_lib.build_steps(cfg, mesh)
     small = jax.tree.leaves(steps.abstract_state.params)
-    assert init_compiler_options(mesh, small) == {"xla_backend_optimization_level": 0}
-    large = [jax.ShapeDtypeStruct((CPU_QUICK_INIT_MAX_PARAMS + 1,), np.float32)]
-    assert init_compiler_options(mesh, large) is None  # a large init runs at the default level
+    assert step_lib.init_compiler_options(mesh, small) == {"xla_backend_optimization_level": 0}
+    large = [jax.ShapeDtypeStruct((step_lib.CPU_QUICK_INIT_MAX_PARAMS + 1,), np.float32)]
+    assert step_lib.init_compiler_options(mesh, large) is None  # a large init runs at the default level
     quick = steps.init()
     default = steps.init.lower().compile({"xla_backend_optimization_level": 3})()
     for a, b in zip(jax.tree.leaves(quick), jax.tree.leaves(default)):
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-7)
+    # The policy's options reach init's compile: an option XLA does not know makes it fail.
+    monkeypatch.setattr(step_lib, "init_compiler_options", lambda mesh, params: {"xla_no_such_option": 1})
+    with pytest.raises(jax.errors.JaxRuntimeError, match="xla_no_such_option"):
+        step_lib.build_steps(cfg, mesh).init()
