@@ -30,16 +30,21 @@ def make(*overrides):
     return model, graphdef, params
 
 
+@jax.jit(static_argnums=0)
+def forward(graphdef, params, tokens):
+    """The full forward pass, one compilation per model and token shape (not one per prompt)."""
+    return nnx.merge(graphdef, params)(tokens)
+
+
 def reference_greedy(model, prompt, n):
     """Greedy continuation by re-running the full forward pass over the whole sequence each step (one
     compiled shape: right-padded to the context, which causality keeps from touching earlier logits)."""
     graphdef, params = nnx.split(model)
-    forward = jax.jit(lambda params, tokens: nnx.merge(graphdef, params)(tokens))
     seq = list(prompt)
     for _ in range(n):
         padded = np.zeros((1, model.cfg.seq_len), np.int32)
         padded[0, : len(seq)] = seq
-        seq.append(int(jnp.argmax(forward(params, padded)[0, len(seq) - 1])))
+        seq.append(int(jnp.argmax(forward(graphdef, params, padded)[0, len(seq) - 1])))
     return seq[len(prompt):]
 
 
@@ -71,7 +76,7 @@ def test_prefill_logits_equal_the_forward_pass_at_every_real_position():
                                  positions=jnp.asarray(positions), index=0)
     assert cache.k.shape == (2, 2, 10, 2, 8)  # (L, B, S, K, Dh)
     for row, prompt in enumerate(prompts):
-        full = model(jnp.asarray([prompt], jnp.int32))[0]  # (T, V)
+        full = forward(graphdef, params, jnp.asarray([prompt], jnp.int32))[0]  # (T, V)
         np.testing.assert_allclose(logits[row, -len(prompt):], full, atol=1e-5)
 
 

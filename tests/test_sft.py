@@ -149,21 +149,31 @@ def base_run(tmp_path_factory, data_dir) -> Path:
     return Path(cfg.train.run_dir)
 
 
-@pytest.fixture(scope="module")
-def lora_runs(tmp_path_factory, data_dir, base_run):
-    """The same LoRA fine-tune on 1 device and under ZeRO-3 on 8 devices, with
-    adapters-only checkpoints."""
+def lora_config(tmp_path_factory, data_dir, base_run, name, *overrides):
+    """The LoRA fine-tune of base_run with adapters-only checkpoints."""
     common = [*LORA, f"checkpoint.restore_from={base_run}", "checkpoint.restore_mode=weights",
               "checkpoint.adapters_only=true"]
-    one = small_config(tmp_path_factory.mktemp("lora1"), data_dir, *common, "train.micro_batch_size=8")
-    eight = small_config(tmp_path_factory.mktemp("lora8"), data_dir, *common, "train.micro_batch_size=1",
-                         "mesh.data=1", "mesh.fsdp=8", "mesh.zero_stage=3")
-    return (one, train(one, devices=jax.devices()[:1])), (eight, train(eight))
+    return small_config(tmp_path_factory.mktemp(name), data_dir, *common, *overrides)
+
+
+@pytest.fixture(scope="module")
+def lora_one(tmp_path_factory, data_dir, base_run):
+    """The LoRA fine-tune on 1 device: (config, result)."""
+    cfg = lora_config(tmp_path_factory, data_dir, base_run, "lora1", "train.micro_batch_size=8")
+    return cfg, train(cfg, devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def lora_eight(tmp_path_factory, data_dir, base_run):
+    """The same fine-tune under ZeRO-3 on 8 devices (only the slow test needs it)."""
+    cfg = lora_config(tmp_path_factory, data_dir, base_run, "lora8", "train.micro_batch_size=1", "mesh.data=1",
+                      "mesh.fsdp=8", "mesh.zero_stage=3")
+    return cfg, train(cfg)
 
 
 @pytest.mark.slow
-def test_lora_trains_adapters_only_and_zero3_on_8_devices_matches_one_device(lora_runs, base_run):
-    (one_cfg, one), (eight_cfg, eight) = lora_runs
+def test_lora_trains_adapters_only_and_zero3_on_8_devices_matches_one_device(lora_one, lora_eight, base_run):
+    (one_cfg, one), (_, eight) = lora_one, lora_eight
     steps = sorted(one.losses)
     assert len(steps) == 10 and one.losses[steps[-1]] < one.losses[steps[0]]
     np.testing.assert_allclose([eight.losses[s] for s in steps], [one.losses[s] for s in steps], rtol=1e-5)
@@ -190,8 +200,8 @@ def test_lora_rank_8_trains_under_5_percent_of_the_tiny_model():
     assert trainable / total <= 0.05 and trainable == 4 * 4 * 8 * (256 + 256)  # 4 layers x wq,wk,wv,wo x r(in+out)
 
 
-def test_merged_lora_export_loads_in_transformers_with_llmx_logits(lora_runs, tmp_path, capsys):
-    (cfg, _), _ = lora_runs
+def test_merged_lora_export_loads_in_transformers_with_llmx_logits(lora_one, tmp_path, capsys):
+    cfg, _ = lora_one
     assert run_cli(lambda: hf.main(["export", "--run-dir", cfg.train.run_dir, "--out", str(tmp_path / "x")])) == 2
     assert "--merge-lora" in capsys.readouterr().err
     out = hf.export_run(cfg.train.run_dir, tmp_path / "hf", merge_lora=True)
