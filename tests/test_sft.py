@@ -200,6 +200,7 @@ def test_lora_rank_8_trains_under_5_percent_of_the_tiny_model():
     assert trainable / total <= 0.05 and trainable == 4 * 4 * 8 * (256 + 256)  # 4 layers x wq,wk,wv,wo x r(in+out)
 
 
+@pytest.mark.slow  # trains the base and the LoRA run first (~16 s on 2 cores)
 def test_merged_lora_export_loads_in_transformers_with_llmx_logits(lora_one, tmp_path, capsys):
     cfg, _ = lora_one
     assert run_cli(lambda: hf.main(["export", "--run-dir", cfg.train.run_dir, "--out", str(tmp_path / "x")])) == 2
