@@ -173,9 +173,14 @@ class MLP(nnx.Module):
         lora.attach(self, cfg, rngs, {"w_gate": 1, "w_up": 1, "w_down": 1})  # model.lora_targets
 
     def __call__(self, x):
-        gate = lora.project(self, "w_gate", "btd,df->btf", x)  # (B, T, F) fp32
-        up = lora.project(self, "w_up", "btd,df->btf", x)
-        hidden = (jax.nn.silu(gate) * up).astype(x.dtype)  # (B, T, F)
+        dt = x.dtype
+        # Both projections rounded to the compute dtype, as every other projection output here (and PyTorch
+        # autocast's Linear), the SiLU and the product taken in fp32: in bf16 the backward pass keeps the
+        # (B, T, F) residuals in bf16 instead of fp32. Bench model, bf16, Zen 4, in-process A/B: temporaries
+        # 177 -> 154 MiB, step 1.011-1.019x. fp32 is unchanged.
+        gate = lora.project(self, "w_gate", "btd,df->btf", x).astype(dt).astype(jnp.float32)  # (B, T, F)
+        up = lora.project(self, "w_up", "btd,df->btf", x).astype(dt).astype(jnp.float32)
+        hidden = (jax.nn.silu(gate) * up).astype(dt)  # (B, T, F)
         return lora.project(self, "w_down", "btf,fd->btd", hidden).astype(x.dtype)
 
 
