@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 # tensorboardX imports torch (only to accept torch tensors) and boto3 and google-cloud-storage (for its
 # own s3:// and gs:// writers) at import time whenever they are installed: `import llmx.train` took 4.0 s
 # with them, 2.2 s without (Zen 4; `python -X importtime`: torch 1.2 s, google-cloud-storage 0.3 s), and
-# the trainer must not import the extras that bring them. llmx hands tensorboardX numbers only and writes buckets through its
-# own factory below, so the import runs with those modules marked absent (None in sys.modules is Python's
-# documented "not importable"); they are importable again afterwards, and one imported before stays.
+# the trainer must not import the extras that bring them. llmx hands tensorboardX numbers only and writes
+# buckets through its own factory below, so the import runs with those modules marked absent (None in
+# sys.modules is Python's documented "not importable"); they are importable again afterwards, and one
+# imported before stays.
 _HIDDEN_FROM_TENSORBOARDX = ("torch", "boto3", "google.cloud.storage")
 _hidden = [name for name in _HIDDEN_FROM_TENSORBOARDX if name not in sys.modules]
 sys.modules.update(dict.fromkeys(_hidden))
