@@ -45,9 +45,10 @@ def inputs(dtype, *, B=2, T=32, H=4, K=2, Dh=16, seed=0):
     return q, k, v, segments
 
 
-def check_forward_and_grads(fn, dtype, *, T=32):
-    q, k, v, seg = inputs(dtype, T=T)
-    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v, seg).astype(jnp.float32) * jnp.cos(jnp.arange(16.0)))  # noqa: E731
+def check_forward_and_grads(fn, dtype, *, T=32, Dh=16):
+    q, k, v, seg = inputs(dtype, T=T, Dh=Dh)
+    weights = jnp.cos(jnp.arange(float(Dh)))
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v, seg).astype(jnp.float32) * weights)  # noqa: E731
     out, ref = fn(q, k, v, seg), reference_attention(q, k, v, seg)
     assert out.shape == q.shape and out.dtype == dtype
     tol = TOLERANCE[dtype]
@@ -94,6 +95,16 @@ def test_cpu_flash_attention_matches_reference(dtype, variant, T):
 
     assert cpu.available(), cpu.unavailable_reason()
     check_forward_and_grads(jax.jit(cpu.variant_attention(variant)), dtype, T=T)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("Dh", [48, 64])
+def test_cpu_flash_attention_head_dims_matches_reference(dtype, Dh):
+    """Head dims whose rows the kernel transposes 16 x 16 in registers (64), and partly so with the rest
+    gathered (48: 24 column pairs of k, 48 columns of a query tile), at a length that is not a multiple of 16."""
+    from llmx.attention import cpu
+
+    check_forward_and_grads(jax.jit(cpu.variant_attention("native")), dtype, T=100, Dh=Dh)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

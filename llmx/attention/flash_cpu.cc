@@ -33,7 +33,7 @@
 
 #include "xla/ffi/api/ffi.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -51,12 +51,30 @@ constexpr int kLanes = 8, kRows = 2;
 #endif
 typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
 
+// Unaligned loads and stores by intrinsics: through memcpy, GCC's AVX2 tunings (haswell, znver3) copied the
+// 32 bytes as two 16-byte halves through the stack, the reload of the whole vector stalled on store
+// forwarding and the accumulators spilled: built with -march=znver3, forward + backward of the bench
+// model's attention took 151 ms instead of 10 (same results to the bit; measured on a Zen 4).
 inline vfloat load(const float* p) {
+#if defined(__AVX512F__)
+  return (vfloat)_mm512_loadu_ps(p);
+#elif defined(__AVX__)
+  return (vfloat)_mm256_loadu_ps(p);
+#else
   vfloat v;
   std::memcpy(&v, p, sizeof(v));
   return v;
+#endif
 }
-inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+inline void store(float* p, vfloat v) {
+#if defined(__AVX512F__)
+  _mm512_storeu_ps(p, (__m512)v);
+#elif defined(__AVX__)
+  _mm256_storeu_ps(p, (__m256)v);
+#else
+  std::memcpy(p, &v, sizeof(v));
+#endif
+}
 #ifdef __AVX512F__
 inline vfloat splat(float x) { return vfloat{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 #else
@@ -138,21 +156,39 @@ inline void gemm_tile(int K, const float* a, long a_row, long a_col, const float
     for (int v = 0; v < NV; ++v) store(c + r * c_row + v * kLanes, acc[r][v]);
 }
 
+// Which part of a causal diagonal tile (query block == key block) a matmul computes: row i of a score
+// tile needs keys j <= i only, and a matmul contracting over keys needs keys <= i only. kNone: all of
+// it; kColumns: for rows i .. i + rows - 1 the columns up to i + rows - 1, rounded up to a vector (the
+// others of C are zero, or left as they were with kAccumulate); kDepth: for those rows the contraction
+// up to i + rows - 1. On the bench model (T = 256) 4 of each row's 10 score tiles are diagonal.
+enum class Causal { kNone, kColumns, kDepth };
+
+inline int columns_needed(Causal causal, int i, int rows, int N) {
+  return causal == Causal::kColumns ? std::min(N, (i + rows + kLanes - 1) / kLanes * kLanes) : N;
+}
+inline int depth_needed(Causal causal, int i, int rows, int K) {
+  return causal == Causal::kDepth ? std::min(K, i + rows) : K;
+}
+
 // C (M x N) = A * B, or C += A * B with kAccumulate.
 template <bool kAccumulate = true>
 void gemm(int M, int N, int K, const float* a, long a_row, long a_col, const float* b, long b_row, float* c,
-          long c_row) {
+          long c_row, Causal causal = Causal::kNone) {
   for (int i = 0; i < M; i += kRows) {
     const float* ai = a + i * a_row;
     float* ci = c + i * c_row;
+    const int n_end = columns_needed(causal, i, kRows, N), k_end = depth_needed(causal, i, kRows, K);
     int n = 0;
-    for (; n + 4 * kLanes <= N; n += 4 * kLanes) gemm_tile<4, kAccumulate>(K, ai, a_row, a_col, b + n, b_row, ci + n, c_row);
-    switch ((N - n) / kLanes) {
-      case 3: gemm_tile<3, kAccumulate>(K, ai, a_row, a_col, b + n, b_row, ci + n, c_row); break;
-      case 2: gemm_tile<2, kAccumulate>(K, ai, a_row, a_col, b + n, b_row, ci + n, c_row); break;
-      case 1: gemm_tile<1, kAccumulate>(K, ai, a_row, a_col, b + n, b_row, ci + n, c_row); break;
+    for (; n + 4 * kLanes <= n_end; n += 4 * kLanes)
+      gemm_tile<4, kAccumulate>(k_end, ai, a_row, a_col, b + n, b_row, ci + n, c_row);
+    switch ((n_end - n) / kLanes) {
+      case 3: gemm_tile<3, kAccumulate>(k_end, ai, a_row, a_col, b + n, b_row, ci + n, c_row); break;
+      case 2: gemm_tile<2, kAccumulate>(k_end, ai, a_row, a_col, b + n, b_row, ci + n, c_row); break;
+      case 1: gemm_tile<1, kAccumulate>(k_end, ai, a_row, a_col, b + n, b_row, ci + n, c_row); break;
       default: break;
     }
+    if (!kAccumulate)
+      for (int r = 0; r < kRows; ++r) std::fill(ci + r * c_row + n_end, ci + r * c_row + N, 0.0f);
   }
 }
 
@@ -193,6 +229,36 @@ void parallel_for(ffi::ThreadPool& pool, long n, const std::function<void(long)>
 
 // ------------------------------------------------------------------ per (batch, kv head) buffers
 
+#ifdef __AVX512F__
+// 16 x 16 32-bit elements in registers, transposed: r[i] holds row i before and column i after (unpack
+// pairs of rows, then 64-bit and 128-bit shuffles). Where the kernel transposes k, v and the dK, dV
+// accumulators, a gather per column (16 loads) or a scalar loop took half the bf16 backward's time
+// outside its matmuls and a tenth of the fp32 kernel's.
+inline void transpose16(__m512 r[kLanes]) {
+  __m512 t[kLanes];
+  for (int i = 0; i < kLanes; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < kLanes; i += 4) {  // r[4g + c], lane k: column 4k + c of rows 4g .. 4g + 3
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    t[c] = _mm512_shuffle_f32x4(r[c], r[c + 4], 0x88);
+    t[c + 4] = _mm512_shuffle_f32x4(r[c], r[c + 4], 0xDD);
+    t[c + 8] = _mm512_shuffle_f32x4(r[c + 8], r[c + 12], 0x88);
+    t[c + 12] = _mm512_shuffle_f32x4(r[c + 8], r[c + 12], 0xDD);
+  }
+  for (int c = 0; c < 8; ++c) {
+    r[c] = _mm512_shuffle_f32x4(t[c], t[c + 8], 0x88);
+    r[c + 8] = _mm512_shuffle_f32x4(t[c], t[c + 8], 0xDD);
+  }
+}
+#endif
+
 struct Dims {
   long B, T, H, K, D, G, Tp;  // Tp: T rounded up to the tile
   float scale;
@@ -209,11 +275,19 @@ template <typename T>
 void load_kv(const Dims& s, const T* x, long b, long kvh, float* rows, float* cols) {
   std::fill(rows, rows + s.Tp * s.D, 0.0f);
   widen_rows(x + (b * s.T * s.K + kvh) * s.D, s.K * s.D, s.T, s.D, 1.0f, rows);
-  if (cols) {
-    std::fill(cols, cols + s.D * s.Tp, 0.0f);
-    for (long t = 0; t < s.T; ++t)
-      for (long d = 0; d < s.D; ++d) cols[d * s.Tp + t] = rows[t * s.D + d];
-  }
+  if (!cols) return;
+#ifdef __AVX512F__
+  for (long t = 0; t < s.Tp; t += kLanes)  // rows past T are zero, Tp and D are multiples of 16
+    for (long d = 0; d < s.D; d += kLanes) {
+      __m512 r[kLanes];
+      for (int i = 0; i < kLanes; ++i) r[i] = _mm512_loadu_ps(rows + (t + i) * s.D + d);
+      transpose16(r);
+      for (int c = 0; c < kLanes; ++c) _mm512_storeu_ps(cols + (d + c) * s.Tp + t, r[c]);
+    }
+#else
+  for (long t = 0; t < s.Tp; ++t)
+    for (long d = 0; d < s.D; ++d) cols[d * s.Tp + t] = rows[t * s.D + d];
+#endif
 }
 
 // Per 64-token block of a row's segment ids: the id if the whole block has one (padding past T
@@ -358,10 +432,12 @@ void forward_pair(const Dims& s, const T* q, const T* k, const T* v, const int32
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (long k0 = 0; k0 < q0 + rows; k0 += kBlock) {
-        gemm<false>(kBlock, kBlock, D, qt.data(), D, 1, kt.data() + k0, s.Tp, sc.data(), kBlock);  // S = Qs K^T
+        const bool diagonal = k0 == q0;
+        const Causal cols = diagonal ? Causal::kColumns : Causal::kNone, depth = diagonal ? Causal::kDepth : Causal::kNone;
+        gemm<false>(kBlock, kBlock, D, qt.data(), D, 1, kt.data() + k0, s.Tp, sc.data(), kBlock, cols);  // S = Qs K^T
         mask_tile(s, q0, k0, seg, uniform, sc.data());
         online_softmax(sc.data(), m.data(), l.data(), acc.data(), D);
-        gemm(kBlock, D, kBlock, sc.data(), kBlock, 1, vr.data() + k0 * D, D, acc.data(), D);
+        gemm(kBlock, D, kBlock, sc.data(), kBlock, 1, vr.data() + k0 * D, D, acc.data(), D, depth);  // O += P V
       }
       for (long i = 0; i < rows; ++i) {
         const float inv = 1.0f / l[i];
@@ -399,14 +475,16 @@ void backward_pair(const Dims& s, const T* q, const T* k, const T* v, const int3
       widen_rows(dout + offset, stride, rows, D, 1.0f, dot.data());
       row_stats(s, dout, o, lse, offset, stride, rows, (b * s.H + h) * s.T + q0, delta.data(), row_lse.data());
       for (long k0 = 0; k0 < q0 + rows; k0 += kBlock) {
-        gemm<false>(kBlock, kBlock, D, qt.data(), D, 1, kt.data() + k0, s.Tp, p.data(), kBlock);  // S = Qs K^T
+        const bool diagonal = k0 == q0;
+        const Causal cols = diagonal ? Causal::kColumns : Causal::kNone, depth = diagonal ? Causal::kDepth : Causal::kNone;
+        gemm<false>(kBlock, kBlock, D, qt.data(), D, 1, kt.data() + k0, s.Tp, p.data(), kBlock, cols);  // S = Qs K^T
         mask_tile(s, q0, k0, seg, uniform, p.data());
         probabilities(p.data(), row_lse.data());
         gemm(kBlock, D, kBlock, p.data(), 1, kBlock, dot.data(), D, dv_acc.data() + k0 * D, D);  // dV += P^T dO
-        gemm<false>(kBlock, kBlock, D, dot.data(), D, 1, vt.data() + k0, s.Tp, dp.data(), kBlock);  // dP = dO V^T
+        gemm<false>(kBlock, kBlock, D, dot.data(), D, 1, vt.data() + k0, s.Tp, dp.data(), kBlock, cols);  // dP = dO V^T
         score_grads(dp.data(), p.data(), delta.data());
         gemm(kBlock, D, kBlock, dp.data(), 1, kBlock, qt.data(), D, dk_acc.data() + k0 * D, D);  // dK += dS^T Qs
-        gemm(kBlock, D, kBlock, dp.data(), kBlock, 1, kr.data() + k0 * D, D, dq_acc.data(), D);  // dQ += dS K
+        gemm(kBlock, D, kBlock, dp.data(), kBlock, 1, kr.data() + k0 * D, D, dq_acc.data(), D, depth);  // dQ += dS K
       }
       for (long i = 0; i < rows; ++i)
         for (long d = 0; d < D; ++d) dq[offset + i * stride + d] = from_float<T>(dq_acc[i * D + d] * s.scale);
@@ -458,17 +536,22 @@ inline void bf16_tile(long pairs, const uint16_t* a, long a_row, const uint32_t*
 // C (M x N) (+)= A (M x K bf16 rows) * B (K x N, paired: K/2 rows of N words). M % 4 == 0, N % 16 == 0, K even.
 template <bool kAccumulate = true>
 void gemm_bf16(int M, int N, int K, const uint16_t* a, long a_row, const uint32_t* b, long b_row, float* c,
-               long c_row) {
+               long c_row, Causal causal = Causal::kNone) {
   for (int i = 0; i < M; i += 4) {
+    const int n_end = columns_needed(causal, i, 4, N), pairs = depth_needed(causal, i, 4, K) / 2;
+    const uint16_t* ai = a + i * a_row;
+    float* ci = c + i * c_row;
     int n = 0;
-    for (; n + 4 * kLanes <= N; n += 4 * kLanes)
-      bf16_tile<4, kAccumulate>(K / 2, a + i * a_row, a_row, b + n, b_row, c + i * c_row + n, c_row);
-    switch ((N - n) / kLanes) {
-      case 3: bf16_tile<3, kAccumulate>(K / 2, a + i * a_row, a_row, b + n, b_row, c + i * c_row + n, c_row); break;
-      case 2: bf16_tile<2, kAccumulate>(K / 2, a + i * a_row, a_row, b + n, b_row, c + i * c_row + n, c_row); break;
-      case 1: bf16_tile<1, kAccumulate>(K / 2, a + i * a_row, a_row, b + n, b_row, c + i * c_row + n, c_row); break;
+    for (; n + 4 * kLanes <= n_end; n += 4 * kLanes)
+      bf16_tile<4, kAccumulate>(pairs, ai, a_row, b + n, b_row, ci + n, c_row);
+    switch ((n_end - n) / kLanes) {
+      case 3: bf16_tile<3, kAccumulate>(pairs, ai, a_row, b + n, b_row, ci + n, c_row); break;
+      case 2: bf16_tile<2, kAccumulate>(pairs, ai, a_row, b + n, b_row, ci + n, c_row); break;
+      case 1: bf16_tile<1, kAccumulate>(pairs, ai, a_row, b + n, b_row, ci + n, c_row); break;
       default: break;
     }
+    if (!kAccumulate)
+      for (int r = 0; r < 4; ++r) std::fill(ci + r * c_row + n_end, ci + r * c_row + N, 0.0f);
   }
 }
 
@@ -496,13 +579,24 @@ inline void store_bf16(const float* x, float scale, long n, uint16_t* out) {
                         (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(x + i), sc)));
 }
 
-// Rows t of a transposed accumulator (D x Tp, fp32) as bf16 rows of out (row t at out + t * row_stride).
+// The same for 16 rows of 16 32-bit words read at src + i * stride (in 16-bit elements): out[c] is word
+// column c of the 16 rows.
+inline void transposed_words(const uint16_t* src, long stride, __m512 out[kLanes]) {
+  for (int i = 0; i < kLanes; ++i) out[i] = _mm512_loadu_ps(reinterpret_cast<const float*>(src + i * stride));
+  transpose16(out);
+}
+
+// Rows t of a transposed accumulator (D x Tp, fp32, zero past T) as bf16 rows of out (row t at
+// out + t * row_stride), 16 x 16 blocks at a time.
 void store_transposed_bf16(const Dims& s, const float* xt, uint16_t* out, long row_stride) {
-  const __m512i index = strided_index(s.Tp);
-  for (long t = 0; t < s.T; ++t)
+  for (long t = 0; t < s.T; t += kLanes)
     for (long d = 0; d < s.D; d += kLanes) {
-      const __m512 column = _mm512_i32gather_ps(index, xt + d * s.Tp + t, 4);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + t * row_stride + d), (__m256i)_mm512_cvtneps_pbh(column));
+      __m512 r[kLanes];
+      for (int i = 0; i < kLanes; ++i) r[i] = _mm512_loadu_ps(xt + (d + i) * s.Tp + t);
+      transpose16(r);
+      for (int i = 0; i < kLanes && t + i < s.T; ++i)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (t + i) * row_stride + d),
+                            (__m256i)_mm512_cvtneps_pbh(r[i]));
     }
 }
 
@@ -538,9 +632,17 @@ void paired_kv(const Dims& s, const uint16_t* k, const uint16_t* v, long b, long
   auto along_d = [&](const uint16_t* x, std::vector<uint32_t>& dst) {  // word (t, dd) = x[t][2dd], x[t][2dd + 1]
     dst.assign(half * s.Tp, 0u);
     const long full = s.T / kLanes * kLanes;
-    for (long t = 0; t < full; t += kLanes)  // 16 rows' words of one column pair, gathered (the rows stay in L1)
-      for (long dd = 0; dd < half; ++dd)
+    const long blocked = half / kLanes * kLanes;  // word columns transposed 16 x 16 at a time
+    for (long t = 0; t < full; t += kLanes) {
+      for (long dd = 0; dd < blocked; dd += kLanes) {
+        __m512 words[kLanes];
+        transposed_words(x + t * stride + 2 * dd, stride, words);
+        for (int c = 0; c < kLanes; ++c)
+          _mm512_storeu_ps(reinterpret_cast<float*>(dst.data() + (dd + c) * s.Tp + t), words[c]);
+      }
+      for (long dd = blocked; dd < half; ++dd)  // 16 rows' words of one column pair, gathered
         _mm512_storeu_si512(dst.data() + dd * s.Tp + t, _mm512_i32gather_epi32(rows_index, x + t * stride + 2 * dd, 2));
+    }
     for (long t = full; t < s.T; ++t)
       for (long dd = 0; dd < half; ++dd) dst[dd * s.Tp + t] = pair(x[t * stride + 2 * dd], x[t * stride + 2 * dd + 1]);
   };
@@ -586,13 +688,26 @@ void query_tile(const Dims& s, const uint16_t* src, long stride, long rows, floa
   const __m512i rows_index = strided_index(D);
   const __m512i separate = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 30, 28, 26, 24, 22,
                                             20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  for (long i0 = 0; i0 < kBlock; i0 += kLanes)
-    for (long d = 0; d < D; d += 2) {
+  const long blocked = D / (2 * kLanes) * (2 * kLanes);  // 16 rows x 32 columns by a register transpose
+  for (long i0 = 0; i0 < kBlock; i0 += kLanes) {
+    for (long d0 = 0; d0 < blocked; d0 += 2 * kLanes) {
+      __m512 words[kLanes];
+      transposed_words(out + i0 * D + d0, D, words);
+      for (int c = 0; c < kLanes; ++c) {
+        const long d = d0 + 2 * c;
+        const __m512i halves = _mm512_permutexvar_epi16(separate, _mm512_castps_si512(words[c]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_t + d * kBlock + i0), _mm512_castsi512_si256(halves));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_t + (d + 1) * kBlock + i0),
+                            _mm512_extracti64x4_epi64(halves, 1));
+      }
+    }
+    for (long d = blocked; d < D; d += 2) {
       const __m512i words = _mm512_i32gather_epi32(rows_index, out + i0 * D + d, 2);
       const __m512i halves = _mm512_permutexvar_epi16(separate, words);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_t + d * kBlock + i0), _mm512_castsi512_si256(halves));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_t + (d + 1) * kBlock + i0), _mm512_extracti64x4_epi64(halves, 1));
     }
+  }
 }
 
 void forward_pair_bf16(const Dims& s, const uint16_t* q, const uint16_t* k, const uint16_t* v,
@@ -613,11 +728,13 @@ void forward_pair_bf16(const Dims& s, const uint16_t* q, const uint16_t* k, cons
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (long k0 = 0; k0 < q0 + rows; k0 += kBlock) {
-        gemm_bf16<false>(kBlock, kBlock, D, qt.data(), D, kv.kt.data() + k0, s.Tp, sc.data(), kBlock);  // S = Qs K^T
+        const bool diagonal = k0 == q0;
+        const Causal cols = diagonal ? Causal::kColumns : Causal::kNone, depth = diagonal ? Causal::kDepth : Causal::kNone;
+        gemm_bf16<false>(kBlock, kBlock, D, qt.data(), D, kv.kt.data() + k0, s.Tp, sc.data(), kBlock, cols);  // S = Qs K^T
         mask_tile(s, q0, k0, seg, uniform, sc.data());
         online_softmax(sc.data(), m.data(), l.data(), acc.data(), D);
         tile_rows_bf16(sc.data(), pt.data());
-        gemm_bf16(kBlock, D, kBlock, pt.data(), kBlock, kv.v.data() + k0 / 2 * D, D, acc.data(), D);  // O += P V
+        gemm_bf16(kBlock, D, kBlock, pt.data(), kBlock, kv.v.data() + k0 / 2 * D, D, acc.data(), D, depth);  // O += P V
       }
       for (long i = 0; i < rows; ++i) {
         store_bf16(acc.data() + i * D, 1.0f / l[i], D, o + ((b * s.T + q0 + i) * s.H + h) * D);
@@ -651,17 +768,20 @@ void backward_pair_bf16(const Dims& s, const uint16_t* q, const uint16_t* k, con
       row_stats(s, dout, o, lse, offset, stride, rows, (b * s.H + h) * s.T + q0, delta.data(), row_lse.data());
       std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
       for (long k0 = 0; k0 < q0 + rows; k0 += kBlock) {
-        gemm_bf16<false>(kBlock, kBlock, D, qt.data(), D, kv.kt.data() + k0, s.Tp, p.data(), kBlock);  // S = Qs K^T
+        const bool diagonal = k0 == q0;
+        const Causal cols = diagonal ? Causal::kColumns : Causal::kNone, depth = diagonal ? Causal::kDepth : Causal::kNone;
+        gemm_bf16<false>(kBlock, kBlock, D, qt.data(), D, kv.kt.data() + k0, s.Tp, p.data(), kBlock, cols);  // S = Qs K^T
         mask_tile(s, q0, k0, seg, uniform, p.data());
         probabilities(p.data(), row_lse.data());
         tile_row_pairs(p.data(), p_pairs.data());
         gemm_bf16(D, kBlock, kBlock, dot_t.data(), kBlock, p_pairs.data(), kBlock, dvt.data() + k0, s.Tp);  // dV^T += dO^T P
-        gemm_bf16<false>(kBlock, kBlock, D, dot.data(), D, kv.vt.data() + k0, s.Tp, dp.data(), kBlock);  // dP = dO V^T
+        gemm_bf16<false>(kBlock, kBlock, D, dot.data(), D, kv.vt.data() + k0, s.Tp, dp.data(), kBlock, cols);  // dP = dO V^T
         score_grads(dp.data(), p.data(), delta.data());
         tile_row_pairs(dp.data(), ds_pairs.data());
         gemm_bf16(D, kBlock, kBlock, qt_t.data(), kBlock, ds_pairs.data(), kBlock, dkt.data() + k0, s.Tp);  // dK^T += Qs^T dS
         tile_rows_bf16(dp.data(), ds_rows.data());
-        gemm_bf16(kBlock, D, kBlock, ds_rows.data(), kBlock, kv.k.data() + k0 / 2 * D, D, dq_acc.data(), D);  // dQ += dS K
+        // dQ += dS K
+        gemm_bf16(kBlock, D, kBlock, ds_rows.data(), kBlock, kv.k.data() + k0 / 2 * D, D, dq_acc.data(), D, depth);
       }
       for (long i = 0; i < rows; ++i) store_bf16(dq_acc.data() + i * D, s.scale, D, dq + offset + i * stride);
     }
