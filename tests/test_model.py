@@ -154,13 +154,19 @@ def test_scan_layers_auto_unrolls_on_cpu_only_and_up_to_the_bound():
 
 def test_rope_reads_a_table_on_cpu_that_equals_the_computed_angles(monkeypatch):
     x = jax.random.normal(jax.random.key(0), (2, 8, 3, 16))
-    positions = jnp.asarray(np.random.default_rng(0).integers(0, 4096, (2, 8)), jnp.int32)
+    positions = jnp.asarray(np.random.default_rng(0).integers(0, 4096, (2, 8)), jnp.int32).at[0, :2].set([0, 5])
+
     def rope(x, p):
         return layers.rope(x, p, theta=10000.0, max_position=4096)
 
     assert "cos" not in str(jax.make_jaxpr(rope)(x, positions))  # looked up, not computed
     table = rope(x, positions)
-    assert np.isnan(np.asarray(layers.rope(x, positions, theta=10000.0, max_position=8))).any()  # never silent
+    # Never silent: a position past the table reads NaN (clamped onto the table's NaN row), the others angles.
+    short = np.asarray(layers.rope(x, positions, theta=10000.0, max_position=8))
+    past = np.asarray(positions) >= 8
+    assert past.any() and (~past).any()
+    assert np.isnan(short[past]).all() and np.isfinite(short[~past]).all()
+    np.testing.assert_array_equal(short[~past], np.asarray(table)[~past])
     monkeypatch.setattr(layers, "traced_platform", lambda: "tpu")  # what an AOT trace for a TPU sees
     assert "cos" in str(jax.make_jaxpr(lambda x, p: rope(x, p))(x, positions))
     np.testing.assert_allclose(table, layers.rope(x, positions, theta=10000.0, max_position=4096), rtol=0, atol=2e-6)
