@@ -170,6 +170,15 @@ inline int depth_needed(Causal causal, int i, int rows, int K) {
   return causal == Causal::kDepth ? std::min(K, i + rows) : K;
 }
 
+// The parts of score tile (q0, k0) its matmuls compute: the score-shaped ones (S, dP) and the ones contracting
+// over its keys (P V, dS K).
+struct TileParts {
+  Causal scores, over_keys;
+};
+inline TileParts tile_parts(long q0, long k0) {
+  return q0 == k0 ? TileParts{Causal::kColumns, Causal::kDepth} : TileParts{Causal::kNone, Causal::kNone};
+}
+
 // C (M x N) = A * B, or C += A * B with kAccumulate.
 template <bool kAccumulate = true>
 void gemm(int M, int N, int K, const float* a, long a_row, long a_col, const float* b, long b_row, float* c,
@@ -432,12 +441,11 @@ void forward_pair(const Dims& s, const T* q, const T* k, const T* v, const int32
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (long k0 = 0; k0 < q0 + rows; k0 += kBlock) {
-        const bool diagonal = k0 == q0;
-        const Causal cols = diagonal ? Causal::kColumns : Causal::kNone, depth = diagonal ? Causal::kDepth : Causal::kNone;
-        gemm<false>(kBlock, kBlock, D, qt.data(), D, 1, kt.data() + k0, s.Tp, sc.data(), kBlock, cols);  // S = Qs K^T
+        const TileParts part = tile_parts(q0, k0);
+        gemm<false>(kBlock, kBlock, D, qt.data(), D, 1, kt.data() + k0, s.Tp, sc.data(), kBlock, part.scores);  // S = Qs K^T
         mask_tile(s, q0, k0, seg, uniform, sc.data());
         online_softmax(sc.data(), m.data(), l.data(), acc.data(), D);
-        gemm(kBlock, D, kBlock, sc.data(), kBlock, 1, vr.data() + k0 * D, D, acc.data(), D, depth);  // O += P V
+        gemm(kBlock, D, kBlock, sc.data(), kBlock, 1, vr.data() + k0 * D, D, acc.data(), D, part.over_keys);  // O += P V
       }
       for (long i = 0; i < rows; ++i) {
         const float inv = 1.0f / l[i];
@@ -475,16 +483,16 @@ void backward_pair(const Dims& s, const T* q, const T* k, const T* v, const int3
       widen_rows(dout + offset, stride, rows, D, 1.0f, dot.data());
       row_stats(s, dout, o, lse, offset, stride, rows, (b * s.H + h) * s.T + q0, delta.data(), row_lse.data());
       for (long k0 = 0; k0 < q0 + rows; k0 += kBlock) {
-        const bool diagonal = k0 == q0;
-        const Causal cols = diagonal ? Causal::kColumns : Causal::kNone, depth = diagonal ? Causal::kDepth : Causal::kNone;
-        gemm<false>(kBlock, kBlock, D, qt.data(), D, 1, kt.data() + k0, s.Tp, p.data(), kBlock, cols);  // S = Qs K^T
+        const TileParts part = tile_parts(q0, k0);
+        gemm<false>(kBlock, kBlock, D, qt.data(), D, 1, kt.data() + k0, s.Tp, p.data(), kBlock, part.scores);  // S = Qs K^T
         mask_tile(s, q0, k0, seg, uniform, p.data());
         probabilities(p.data(), row_lse.data());
         gemm(kBlock, D, kBlock, p.data(), 1, kBlock, dot.data(), D, dv_acc.data() + k0 * D, D);  // dV += P^T dO
-        gemm<false>(kBlock, kBlock, D, dot.data(), D, 1, vt.data() + k0, s.Tp, dp.data(), kBlock, cols);  // dP = dO V^T
+        // dP = dO V^T
+        gemm<false>(kBlock, kBlock, D, dot.data(), D, 1, vt.data() + k0, s.Tp, dp.data(), kBlock, part.scores);
         score_grads(dp.data(), p.data(), delta.data());
         gemm(kBlock, D, kBlock, dp.data(), 1, kBlock, qt.data(), D, dk_acc.data() + k0 * D, D);  // dK += dS^T Qs
-        gemm(kBlock, D, kBlock, dp.data(), kBlock, 1, kr.data() + k0 * D, D, dq_acc.data(), D, depth);  // dQ += dS K
+        gemm(kBlock, D, kBlock, dp.data(), kBlock, 1, kr.data() + k0 * D, D, dq_acc.data(), D, part.over_keys);  // dQ += dS K
       }
       for (long i = 0; i < rows; ++i)
         for (long d = 0; d < D; ++d) dq[offset + i * stride + d] = from_float<T>(dq_acc[i * D + d] * s.scale);
@@ -728,13 +736,14 @@ void forward_pair_bf16(const Dims& s, const uint16_t* q, const uint16_t* k, cons
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (long k0 = 0; k0 < q0 + rows; k0 += kBlock) {
-        const bool diagonal = k0 == q0;
-        const Causal cols = diagonal ? Causal::kColumns : Causal::kNone, depth = diagonal ? Causal::kDepth : Causal::kNone;
-        gemm_bf16<false>(kBlock, kBlock, D, qt.data(), D, kv.kt.data() + k0, s.Tp, sc.data(), kBlock, cols);  // S = Qs K^T
+        const TileParts part = tile_parts(q0, k0);
+        // S = Qs K^T
+        gemm_bf16<false>(kBlock, kBlock, D, qt.data(), D, kv.kt.data() + k0, s.Tp, sc.data(), kBlock, part.scores);
         mask_tile(s, q0, k0, seg, uniform, sc.data());
         online_softmax(sc.data(), m.data(), l.data(), acc.data(), D);
         tile_rows_bf16(sc.data(), pt.data());
-        gemm_bf16(kBlock, D, kBlock, pt.data(), kBlock, kv.v.data() + k0 / 2 * D, D, acc.data(), D, depth);  // O += P V
+        // O += P V
+        gemm_bf16(kBlock, D, kBlock, pt.data(), kBlock, kv.v.data() + k0 / 2 * D, D, acc.data(), D, part.over_keys);
       }
       for (long i = 0; i < rows; ++i) {
         store_bf16(acc.data() + i * D, 1.0f / l[i], D, o + ((b * s.T + q0 + i) * s.H + h) * D);
@@ -768,20 +777,21 @@ void backward_pair_bf16(const Dims& s, const uint16_t* q, const uint16_t* k, con
       row_stats(s, dout, o, lse, offset, stride, rows, (b * s.H + h) * s.T + q0, delta.data(), row_lse.data());
       std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
       for (long k0 = 0; k0 < q0 + rows; k0 += kBlock) {
-        const bool diagonal = k0 == q0;
-        const Causal cols = diagonal ? Causal::kColumns : Causal::kNone, depth = diagonal ? Causal::kDepth : Causal::kNone;
-        gemm_bf16<false>(kBlock, kBlock, D, qt.data(), D, kv.kt.data() + k0, s.Tp, p.data(), kBlock, cols);  // S = Qs K^T
+        const TileParts part = tile_parts(q0, k0);
+        // S = Qs K^T
+        gemm_bf16<false>(kBlock, kBlock, D, qt.data(), D, kv.kt.data() + k0, s.Tp, p.data(), kBlock, part.scores);
         mask_tile(s, q0, k0, seg, uniform, p.data());
         probabilities(p.data(), row_lse.data());
         tile_row_pairs(p.data(), p_pairs.data());
         gemm_bf16(D, kBlock, kBlock, dot_t.data(), kBlock, p_pairs.data(), kBlock, dvt.data() + k0, s.Tp);  // dV^T += dO^T P
-        gemm_bf16<false>(kBlock, kBlock, D, dot.data(), D, kv.vt.data() + k0, s.Tp, dp.data(), kBlock, cols);  // dP = dO V^T
+        // dP = dO V^T
+        gemm_bf16<false>(kBlock, kBlock, D, dot.data(), D, kv.vt.data() + k0, s.Tp, dp.data(), kBlock, part.scores);
         score_grads(dp.data(), p.data(), delta.data());
         tile_row_pairs(dp.data(), ds_pairs.data());
         gemm_bf16(D, kBlock, kBlock, qt_t.data(), kBlock, ds_pairs.data(), kBlock, dkt.data() + k0, s.Tp);  // dK^T += Qs^T dS
         tile_rows_bf16(dp.data(), ds_rows.data());
         // dQ += dS K
-        gemm_bf16(kBlock, D, kBlock, ds_rows.data(), kBlock, kv.k.data() + k0 / 2 * D, D, dq_acc.data(), D, depth);
+        gemm_bf16(kBlock, D, kBlock, ds_rows.data(), kBlock, kv.k.data() + k0 / 2 * D, D, dq_acc.data(), D, part.over_keys);
       }
       for (long i = 0; i < rows; ++i) store_bf16(dq_acc.data() + i * D, s.scale, D, dq + offset + i * stride);
     }
