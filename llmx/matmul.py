@@ -21,8 +21,6 @@ import functools
 import json
 import logging
 import os
-import platform
-import time
 from pathlib import Path
 
 import jax
@@ -31,6 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llmx import mesh as mesh_lib
 from llmx import quantization
+from llmx.native import best_seconds, cpu_identity
 
 log = logging.getLogger(__name__)
 
@@ -150,34 +149,6 @@ def einsum(spec: str, x, w):
 
 def _cache_file() -> Path:
     return Path(os.environ.get("LLMX_CACHE_DIR", Path.home() / ".cache" / "llmx")) / "cpu_peak.json"
-
-
-def cpu_identity() -> str:
-    """What makes two CPUs' matmul speeds differ: model name and the SIMD/matrix extensions (VMs
-    report the same host name everywhere, so the host name alone would reuse another CPU's probe)."""
-    model, flags = "", ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and not model:
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = " ".join(sorted(f for f in value.split() if f.startswith(("avx", "amx", "fma"))))
-                break
-    except OSError:
-        pass
-    return f"{model or platform.processor()}|{flags}"
-
-
-def best_seconds(fn, *args, repeats: int) -> float:
-    """The fastest of `repeats` timed calls of `fn(*args)` (after one untimed call that compiles)."""
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def measure_cpu_peak(*, size: int = 2048, repeats: int = 5) -> dict:

@@ -200,9 +200,10 @@ def test_cpu_kernel_without_a_compiler_and_with_a_damaged_cached_library(monkeyp
     shared object dies with SIGBUS) is found by its recorded digest and rebuilt, in a fresh process."""
     import sys
 
+    from llmx import native
     from llmx.attention import cpu
 
-    monkeypatch.setattr(cpu.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)
     assert cpu._load.__wrapped__() == (False, "no C++ compiler found (set CXX or install g++)")
     monkeypatch.undo()

@@ -1,9 +1,6 @@
 """`model.attention=cpu`: the flash-attention kernel of `flash_cpu.cc` (XLA FFI), for XLA:CPU.
 
-The C++ source ships with the package and is compiled on first use with the host's C++ compiler
-(`CXX`, else g++/c++) for this CPU (`-march=native`), like PyTorch's `cpp_extension.load`: the
-library lands in `LLMX_CACHE_DIR` (default ~/.cache/llmx) under a key of the source, the CPU and
-the jaxlib version, so a later run loads it in milliseconds. Without a compiler `available()` is
+The C++ source ships with the package and is compiled on first use for this CPU (`llmx.native`). Without a compiler `available()` is
 False with the reason in `unavailable_reason()`: `model.attention=auto` then keeps the XLA einsums,
 and an explicit `model.attention=cpu` is a one-line error.
 
@@ -22,48 +19,38 @@ the fastest build runs (`best_variant`).
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
 import json
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from llmx import matmul
+from llmx import matmul, native
 from llmx.matmul import DOT
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("flash_cpu.cc")
+WHAT = "CPU flash-attention kernel"
 FORWARD, BACKWARD = "llmx_flash_cpu_forward", "llmx_flash_cpu_backward"
 DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("LLMX_CACHE_DIR", Path.home() / ".cache" / "llmx")) / "flash_cpu"
+    return native.cache_dir("flash_cpu")
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+_compiler = native.compiler
+_intact = native.intact
 
 
 @functools.cache  # asked for by every attention layer while a model is traced
 def _key(*extra: str) -> str:
-    """Source, CPU (the matmul probe's identity) and jaxlib version: what a built library depends on."""
-    parts = [SOURCE.read_bytes(), matmul.cpu_identity().encode(), jax.lib.__version__.encode(), *(e.encode() for e in extra)]
-    return hashlib.sha256(b"|".join(parts)).hexdigest()[:16]
+    return native.key(SOURCE, *extra)
 
 
 # Builds of flash_cpu.cc: "native" multiplies bf16 inputs with AVX512-BF16 dot instructions where the
@@ -79,40 +66,8 @@ def _library_path(compiler: str, variant: str = "native") -> Path:
     return _cache_dir() / f"libllmx_flash_cpu-{variant}-{_key(compiler, *VARIANTS[variant])}.so"
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _intact(target: Path) -> bool:
-    """Whether `target` is the library a build wrote: its digest matches the one recorded beside it
-    (loading a damaged shared object can kill the process with SIGBUS instead of raising)."""
-    try:
-        return target.with_suffix(".sha256").read_text().strip() == _digest(target)
-    except OSError:
-        return False
-
-
 def _build(compiler: str, target: Path, flags: list[str] = ()) -> None:
-    """Compile SOURCE into `target`, and its digest beside it (atomically: concurrent runs each build
-    into a temporary file)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", *flags, "-isystem",
-               jax.ffi.include_dir(), str(SOURCE), "-o", str(out)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode:
-            log.debug("%s\n%s", " ".join(cmd), result.stderr)
-            last = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "")
-            raise RuntimeError(f"{Path(compiler).name} exited with {result.returncode} compiling {SOURCE.name}"
-                               + (f": {last.strip()}" if last else ""))
-        digest = Path(tmp) / "digest"
-        digest.write_text(_digest(out))
-        os.replace(out, target)
-        os.replace(digest, target.with_suffix(".sha256"))
-    log.info("compiled the CPU flash-attention kernel (%s, %.1f s, once per CPU) into %s", Path(compiler).name,
-             time.perf_counter() - t0, target)
+    native.build(compiler, SOURCE, target, flags, what=WHAT)
 
 
 # variant -> whether its build multiplies bf16 with bf16 dot instructions, once loaded.
@@ -127,11 +82,7 @@ def _load(variant: str = "native") -> tuple[bool, str]:
         return False, "no C++ compiler found (set CXX or install g++)"
     path = _library_path(compiler, variant)
     try:
-        if path.exists() and not _intact(path):
-            log.warning("the cached CPU flash-attention kernel %s is damaged; rebuilding it", path)
-        if not _intact(path):
-            _build(compiler, path, VARIANTS[variant])
-        library = ctypes.cdll.LoadLibrary(str(path))
+        library = native.load(compiler, SOURCE, path, VARIANTS[variant], what=WHAT)
         forward, backward = _targets(variant)
         jax.ffi.register_ffi_target(forward, jax.ffi.pycapsule(library.LlmxFlashForward), platform="cpu")
         jax.ffi.register_ffi_target(backward, jax.ffi.pycapsule(library.LlmxFlashBackward), platform="cpu")
