@@ -37,9 +37,13 @@ def compiler() -> str | None:
     return None
 
 
+# The headers the sources share (`#include "cpu_pool.h"`): part of every library's key.
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))
+
+
 def key(source: Path, *extra: str) -> str:
-    """Source, CPU and jaxlib version: what a built library depends on."""
-    parts = [source.read_bytes(), cpu_identity().encode(), jax.lib.__version__.encode(), *(e.encode() for e in extra)]
+    """Source, shared headers, CPU and jaxlib version: what a built library depends on."""
+    parts = [source.read_bytes(), *(h.read_bytes() for h in HEADERS), cpu_identity().encode(), jax.lib.__version__.encode(), *(e.encode() for e in extra)]
     return hashlib.sha256(b"|".join(parts)).hexdigest()[:16]
 
 

@@ -21,23 +21,21 @@
 // inputs on a CPU with AVX512-BF16 are multiplied with vdpbf16ps (see "bf16 dot products" below).
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <memory>
-#include <mutex>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "../cpu_pool.h"
 
 #if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
 namespace ffi = xla::ffi;
+using llmx::parallel_for;
 
 namespace {
 
@@ -200,41 +198,6 @@ void gemm(int M, int N, int K, const float* a, long a_row, long a_col, const flo
       for (int r = 0; r < kRows; ++r) std::fill(ci + r * c_row + n_end, ci + r * c_row + N, 0.0f);
   }
 }
-
-// ------------------------------------------------------------------ work on the intra-op pool
-
-// Runs fn(0 .. n-1) on the calling thread and on XLA's intra-op threads. The caller takes units too,
-// so the call never waits for a pool thread that is busy elsewhere; a pool task that starts after all
-// units are taken returns at once (it shares only the counters, through the shared_ptr).
-struct Work {
-  std::atomic<long> next{0};
-  std::atomic<long> done{0};
-  long n = 0;
-  std::mutex mu;
-  std::condition_variable cv;
-};
-
-void parallel_for(ffi::ThreadPool& pool, long n, const std::function<void(long)>& fn) {
-  auto work = std::make_shared<Work>();
-  work->n = n;
-  auto run = [work](const std::function<void(long)>* body) {
-    long done_here = 0;
-    for (long i; (i = work->next.fetch_add(1)) < work->n;) {
-      (*body)(i);
-      ++done_here;
-    }
-    if (done_here && work->done.fetch_add(done_here) + done_here == work->n) {
-      std::lock_guard<std::mutex> lock(work->mu);
-      work->cv.notify_all();
-    }
-  };
-  int helpers = std::min<long>(pool.num_threads(), n - 1);
-  for (int t = 0; t < helpers; ++t) pool.Schedule([run, &fn]() { run(&fn); });
-  run(&fn);
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->cv.wait(lock, [&] { return work->done.load() == work->n; });
-}
-// (A helper scheduled after the units ran out never dereferences `fn`: its loop exits before the body.)
 
 // ------------------------------------------------------------------ per (batch, kv head) buffers
 
