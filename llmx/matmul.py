@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from llmx import mesh as mesh_lib
-from llmx import quantization
+from llmx import quantization, weight_grad
 from llmx.native import best_seconds, cpu_identity
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,10 @@ def _compute_dtype_bwd(spec, dtype, residuals, g):
     spec_a, spec_b, out = _specs(spec)
     g = g.astype(dtype)  # the cotangent in the compute dtype: bf16 x bf16 -> fp32 backward dots
     grad_a = _canonical_einsum(out, spec_b, spec_a, g, b.astype(dtype))
-    grad_b = _canonical_einsum(spec_a, out, spec_b, a.astype(dtype), g)
+    if weight_grad.takes(spec, dtype, b.shape):  # one CPU device: the kernel, no transposed copy of a
+        grad_b = weight_grad.weight_grad(spec, a.astype(dtype), g, b.shape)
+    else:
+        grad_b = _canonical_einsum(spec_a, out, spec_b, a.astype(dtype), g)
     return grad_a.astype(a.dtype), grad_b.astype(b.dtype)
 
 

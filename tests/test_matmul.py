@@ -87,7 +87,8 @@ def test_the_bf16_bench_step_runs_its_matmuls_as_bf16_dots():
     the speed silently. The exception is XLA:CPU's own: a batched dot that contracts its operand's second
     dimension (attention's backward P^T·dO, dO·V^T and dS^T·Q) has no bf16 kernel in its YNNPACK support
     (`IsDotSupportedByYnn` rejects non-canonical layouts), so XLA upcasts it to fp32 whatever the input
-    says; that is at most 3 dots per attention block, and no more may appear."""
+    says; that is at most 3 dots per attention block, and no more may appear. Weight gradients computed
+    by llmx.weight_grad's kernel take bf16 operands by its signature."""
     if matmul.cpu_bf16_dots_upcast():
         pytest.skip("this CPU's probe runs bf16 matmuls as fp32 dots (no AVX512-BF16/AMX): nothing to check")
     from llmx import config as config_lib
@@ -103,7 +104,10 @@ def test_the_bf16_bench_step_runs_its_matmuls_as_bf16_dots():
     wrong = [d["op"] for d in dots if d["operands"] != ("bf16", "bf16") and not (d["batched"] and d["backward"])]
     assert not wrong, f"{len(wrong)} fp32 dots in the bf16 step, e.g. {wrong[:3]}"
     projections = [d for d in dots if not d["batched"]]
-    assert len(projections) >= 3 * 7 * cfg.model.n_layers  # q, k, v, o, gate, up, down: forward and two grads
+    # The weight-gradient kernel (llmx.weight_grad, bf16 operands by its signature) where its probe won.
+    kernel_calls = len(re.findall(r'custom_call_target="llmx_weight_grad_cpu"', hlo))
+    # q, k, v, o, gate, up, down: forward and two grads
+    assert len(projections) + kernel_calls >= 3 * 7 * cfg.model.n_layers
     upcast_by_xla = [d for d in dots if d["operands"] != ("bf16", "bf16")]
     assert len(upcast_by_xla) <= 3 * cfg.model.n_layers * causal_blocks(cfg.model.seq_len), upcast_by_xla
 
