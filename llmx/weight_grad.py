@@ -63,6 +63,15 @@ def available() -> bool:
     return _load()[0]
 
 
+@functools.cache
+def _note_unavailable() -> None:
+    """Once per process, why bf16 weight gradients stay XLA's dots (a failed build is a warning: a
+    compiler was there)."""
+    reason = _load()[1]
+    level = logging.WARNING if reason.startswith("building") else logging.INFO
+    log.log(level, "CPU weight-gradient kernel unavailable: %s; weight gradients run as XLA dots", reason)
+
+
 def split(spec: str) -> int | None:
     """For 'btd,df->btf'-like specs (x's free indices then the contracted ones, w's contracted then its
     own, the output x's free then w's): how many leading indices of w are contracted; else None."""
@@ -158,6 +167,7 @@ def takes(spec: str, dtype, w_shape) -> bool:
     if n_contracted is None or math.prod(w_shape[n_contracted:]) % LANES:
         return False
     if not available():
+        _note_unavailable()
         return False
     times = probe()
     return times["kernel"] < times["xla"]

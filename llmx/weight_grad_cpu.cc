@@ -11,8 +11,8 @@
 // both inputs, with no transpose, and the product then runs from those words at ~360 GFLOP/s.
 //
 // Layouts: x (..., M) and g (..., N) bf16, both with R rows (the leading dimensions); out (M, N) f32.
-// N must be a multiple of 16. The rows are taken kChunk pairs at a time (packing buffers stay small
-// whatever R is), the chunks' products summed in fp32 in the output.
+// N must be a multiple of 16. The rows are taken a chunk of pairs at a time (the packing buffers stay
+// within 4 MiB per thread whatever R, M and N are), the chunks' products summed in fp32 in the output.
 
 #include <algorithm>
 #include <cstdint>
@@ -36,7 +36,8 @@ namespace {
 constexpr long kLanes = 16;        // fp32 lanes of a 512-bit vector
 constexpr long kPanel = 4 * kLanes;  // columns of dW per unit of work
 constexpr long kRowBlock = 48;     // rows of dW per unit of work (8 tiles of 6 rows)
-constexpr long kChunk = 512;       // row pairs packed at a time
+constexpr long kChunk = 512;       // row pairs packed at a time, at most
+constexpr long kBufferWords = 1 << 20;  // and at most 4 MiB of packed words per calling thread
 
 // out[k][j] = (src[2k][j], src[2k + 1][j]) for pairs k in [k0, k1) of rows; a missing last row is zero.
 void pair_rows(const uint16_t* src, long rows, long cols, long k0, long k1, uint32_t* out) {
@@ -89,11 +90,12 @@ void rows(long i, long i1, long pairs, const uint32_t* a, long m, const uint32_t
 }
 
 // Packing buffers of the calling thread, kept between calls (a fresh allocation would fault its pages in
-// every step); at most kChunk * (M + N) words.
+// every step): chunk * (M + N) words, at most kBufferWords unless M + N alone exceeds it / 16.
 thread_local std::vector<uint32_t> packed;
 
 void weight_grad(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* g, long R, long M, long N, float* out) {
-  const long pairs = (R + 1) / 2, chunk = std::min(pairs, kChunk);
+  const long pairs = (R + 1) / 2;
+  const long chunk = std::min({pairs, kChunk, std::max(16L, kBufferWords / (M + N))});
   packed.resize(chunk * (M + N));
   uint32_t* xp = packed.data();
   uint32_t* gp = xp + chunk * M;

@@ -20,6 +20,7 @@ def _needs_kernel():
     (9, 13, 16),  # an odd row count (the last pair is padded with zero), 6 + 6 + 1 rows, one vector
     (2 * 1100 + 1, 70, 80),  # three chunks of row pairs; 70 = 48 + 6 * 3 + 4 rows; a panel of 64 and one of 16
     (4, 1, 32),  # one row of dW
+    (600, 16, 4112),  # M + N past the 4 MiB packing buffer: chunks of 254 pairs
 ])
 def test_kernel_equals_fp64_maths_of_the_bf16_operands(rows, M, N):
     _needs_kernel()
