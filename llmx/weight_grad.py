@@ -1,6 +1,6 @@
 """The bf16 projections' weight gradient dW = X^T G on XLA:CPU by the kernel of `weight_grad_cpu.cc`.
 
-`llmx.matmul`'s backward asks `takes(spec, dtype)` for every einsum it differentiates; where it answers
+`llmx.matmul`'s backward asks `takes(spec, dtype, w_shape)` for every einsum it differentiates; where it answers
 True the weight's gradient comes from this kernel (an XLA FFI call), the input's gradient still from
 XLA. It answers True only while tracing for one CPU device (the call is not partitioned: on a mesh of
 several devices XLA would gather its operands), in bf16, for an einsum that is a plain (rows, K) x (K, N)
