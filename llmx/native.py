@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -118,3 +119,27 @@ def load(compiler_path: str, source: Path, target: Path, flags: list[str] = (), 
     if not intact(target):
         build(compiler_path, source, target, flags, what=what)
     return ctypes.cdll.LoadLibrary(str(target))
+
+
+def cached_probe(path: Path, key: str, required: set[str], measure, memo: dict, *, what: str) -> dict:
+    """A kernel's timings {name: seconds}: from `memo` (this process), else from the JSON file `path`
+    under `key` (a CPU, source and variant), else `measure()` run once and written back atomically (other
+    keys in the file are kept). The first call may come while a model is traced, hence compile-time eval."""
+    if key in memo:
+        return memo[key]
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if not isinstance(cached, dict):
+        cached = {}
+    if not isinstance(cached.get(key), dict) or not required <= cached[key].keys():
+        with jax.ensure_compile_time_eval():
+            cached[key] = measure()
+        log.info("%s probe, ms: %s", what, ", ".join(f"{k} {v * 1e3:.2f}" for k, v in cached[key].items()))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cached))
+        os.replace(tmp, path)
+    memo[key] = cached[key]
+    return cached[key]

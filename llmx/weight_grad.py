@@ -13,10 +13,8 @@ order of the sums (tests/test_weight_grad.py).
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import jax
@@ -130,27 +128,8 @@ def measure(*, shape=PROBE_SHAPE, rounds: int = 4, repeats: int = 5) -> dict:
 
 def probe() -> dict:
     """`measure()`, run once per CPU and kernel source, cached next to the library."""
-    key = _key()
-    if key in _PROBES:
-        return _PROBES[key]
-    path = _cache_dir() / "probe.json"
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    if not isinstance(cached, dict):
-        cached = {}
-    if not isinstance(cached.get(key), dict) or not {"kernel", "xla"} <= cached[key].keys():
-        with jax.ensure_compile_time_eval():  # the first call comes while a model's backward is traced
-            cached[key] = measure()
-        log.info("CPU weight-gradient probe (%s), ms: %s", "x".join(map(str, PROBE_SHAPE)),
-                 ", ".join(f"{k} {v * 1e3:.2f}" for k, v in cached[key].items()))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cached))
-        os.replace(tmp, path)
-    _PROBES[key] = cached[key]
-    return cached[key]
+    return native.cached_probe(_cache_dir() / "probe.json", _key(), {"kernel", "xla"}, lambda: measure(), _PROBES,
+                               what=f"CPU weight-gradient ({'x'.join(map(str, PROBE_SHAPE))})")
 
 
 def _one_device() -> bool:

@@ -20,16 +20,14 @@ the fastest build runs (`best_variant`).
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from llmx import matmul, native
+from llmx import native
 from llmx.matmul import DOT
 
 log = logging.getLogger(__name__)
@@ -192,34 +190,16 @@ def measure(dtype, *, shape=PROBE_SHAPE, repeats: int = 5) -> dict:
     result = {}
     for name, fn in candidates.items():
         step = jax.jit(lambda q, k, v, g, fn=fn: jax.vjp(lambda *a: fn(*a, segment_ids), q, k, v)[1](g))
-        result[name] = matmul.best_seconds(step, q, k, v, g, repeats=repeats)
+        result[name] = native.best_seconds(step, q, k, v, g, repeats=repeats)
     return result
 
 
 def probe(dtype) -> dict:
     """`measure(dtype)`, run once per CPU, kernel source and dtype, cached in the library's directory."""
     name = jnp.dtype(dtype).name
-    key = f"{_key()}|{name}"
-    if key in _PROBES:
-        return _PROBES[key]
-    path = _cache_dir() / "probe.json"
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    if not isinstance(cached, dict):
-        cached = {}
-    if not isinstance(cached.get(key), dict) or not {"native", "xla"} <= cached[key].keys():
-        with jax.ensure_compile_time_eval():  # the first call may come while a model is being traced
-            cached[key] = measure(dtype)
-        log.info("CPU attention probe (%s, %s), ms per forward+backward: %s", name, "x".join(map(str, PROBE_SHAPE)),
-                 ", ".join(f"{k} {v * 1e3:.2f}" for k, v in cached[key].items()))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cached))
-        os.replace(tmp, path)
-    _PROBES[key] = cached[key]
-    return cached[key]
+    return native.cached_probe(_cache_dir() / "probe.json", f"{_key()}|{name}", {"native", "xla"},
+                               lambda: measure(dtype), _PROBES,
+                               what=f"CPU attention ({name}, {'x'.join(map(str, PROBE_SHAPE))}, forward+backward)")
 
 
 def best_variant(dtype) -> str:
