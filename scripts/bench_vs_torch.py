@@ -272,8 +272,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "bench_cpu.yaml"))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per worker")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per worker")
+    # Untimed steps first: the first compiles (torch.compile) or runs the compiled step for the first time.
+    # llmx's steps 1-4 also ran up to ~35 % slower than its steady state in fresh processes (Zen 4 VM): the
+    # kernel spends longer on the step's huge-page faults (~163 per step as later, sys 35-85 ms in those steps
+    # against 12-25 after), while PyTorch is steady from step 2. A training run's throughput is the steady state.
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (the first compiles)")
     parser.add_argument("--sides", default=",".join(SIDES))
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
     parser.add_argument("--sizes", action="store_true", help="sweep width, depth and sequence length")
@@ -284,6 +288,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
+    for flag, value, least in (("--rounds", args.rounds, 1), ("--steps", args.steps, 1), ("--warmup", args.warmup, 0)):
+        if value < least:
+            raise SystemExit(f"error: {flag} {value}: expected an integer >= {least}")
     sides = args.sides.split(",")
     precisions = args.precisions.split(",")
     for name in sides:
