@@ -55,9 +55,11 @@ def test_experts_equal_dense_one_hot_reference_forward_and_gradients(impl):
         return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape)))  # a loss that weighs every output
 
     run = lambda *a: moe.run_experts(*a, cfg=cfg)[0]  # noqa: E731
-    np.testing.assert_allclose(run(x, experts, weights, *w), _reference(x, experts, weights, *w), rtol=1e-5, atol=1e-5)
-    grads = jax.grad(functools.partial(loss, run), argnums=(0, 1, 2))(x, weights, w)
-    expected = jax.grad(functools.partial(loss, _reference), argnums=(0, 1, 2))(x, weights, w)
+    # Compiled, both sides: op by op, the backward's eager ops took most of the test's 5-7 s to compile.
+    np.testing.assert_allclose(jax.jit(run)(x, experts, weights, *w), jax.jit(_reference)(x, experts, weights, *w),
+                               rtol=1e-5, atol=1e-5)
+    grads = jax.jit(jax.grad(functools.partial(loss, run), argnums=(0, 1, 2)))(x, weights, w)
+    expected = jax.jit(jax.grad(functools.partial(loss, _reference), argnums=(0, 1, 2)))(x, weights, w)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, expected)
 
 
@@ -175,7 +177,7 @@ def test_flops_count_the_active_experts_only():
     from llmx import models
 
     cfg = _cfg().model
-    model = models.get("mixtral").build(cfg, rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: models.get("mixtral").build(cfg, rngs=nnx.Rngs(0)))  # shapes only: no init ops to compile
     sizes = {"/".join(map(str, path)): v.size for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     total = sum(sizes.values())
     norms = sum(n for name, n in sizes.items() if "norm" in name)
