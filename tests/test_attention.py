@@ -53,8 +53,9 @@ def check_forward_and_grads(fn, dtype, *, T=32, Dh=16):
     assert out.shape == q.shape and out.dtype == dtype
     tol = TOLERANCE[dtype]
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=tol, rtol=tol)
-    grads = jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v)
-    ref_grads = jax.grad(loss(reference_attention), argnums=(0, 1, 2))(q, k, v)
+    # Compiled gradients: op by op, the reference's backward compiled each eager op on its own (seconds a case).
+    grads = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(q, k, v)
+    ref_grads = jax.jit(jax.grad(loss(reference_attention), argnums=(0, 1, 2)))(q, k, v)
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(np.asarray(g, np.float32), r, atol=5 * tol, rtol=5 * tol)
 
