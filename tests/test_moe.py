@@ -177,7 +177,8 @@ def test_flops_count_the_active_experts_only():
     from llmx import models
 
     cfg = _cfg().model
-    model = nnx.eval_shape(lambda: models.get("mixtral").build(cfg, rngs=nnx.Rngs(0)))  # shapes only: no init ops to compile
+    # Shapes only (nnx.eval_shape): the count needs no initialised weights, so no init ops to compile.
+    model = nnx.eval_shape(lambda: models.get("mixtral").build(cfg, rngs=nnx.Rngs(0)))
     sizes = {"/".join(map(str, path)): v.size for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     total = sum(sizes.values())
     norms = sum(n for name, n in sizes.items() if "norm" in name)
